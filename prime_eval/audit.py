@@ -1,0 +1,296 @@
+"""Exact audit: which estimators are valid bounds, proved by enumeration on models small enough (method.md §5.3).
+
+For a request (x, target) with n diffused positions (tokens for MDM, target sub-tokens for Prime):
+
+1. Exact expectation of an MC estimator: E[est] = Σ_S w(S) · cost(S) over all 2^n mask sets S, where w(S) is the
+   probability weight its sampling implies times its importance weight. For t ~ U(0,1) with weight 1/t (and for the
+   exact-count estimator): w(S) = ∫ t^{|S|-1}(1-t)^{n-|S|} dt = (|S|-1)!(n-|S|)!/n!.
+2. Exact likelihood of the model's own any-order generative process (one position revealed at a time, uniformly at
+   random, from the per-position marginals), by a dynamic programme over reveal sets R:
+        g(∅) = 1,   g(R ∪ {j}) += g(R) · p_θ(y_j | y_R, ctx) / (n - |R|),   p(y_T | ctx) = g(all).
+   A valid bound satisfies E[NELBO](x) >= -log p(x).
+3. Oracle entropy floor: tokens i.i.d. from a known categorical with entropy H and the exact conditional as network.
+   Every valid estimator gives exactly L·H; the published joint form (`legacy_joint`) gives less.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from prime_eval.errors import UserError
+from prime_eval.estimators import MDMEstimator, PrimeEstimator, estimate, forward_rows
+from prime_eval.networks.toy import OracleDenoiser, TinyDenoiser
+from prime_eval.subtokenizer import SubTokenizer, make_permutation
+
+MAX_DIFFUSED = 16  # 2^16 mask sets: the enumeration limit
+
+
+# -- weights ----------------------------------------------------------------------------------------------------
+_GL_X, _GL_W = np.polynomial.legendre.leggauss(64)
+
+
+def _integrate(f, a: float, b: float) -> float:
+    """∫_a^b f(t) dt by 64-point Gauss-Legendre on geometric sub-intervals (accurate near t = 0)."""
+    edges = [a] + [e for e in np.geomspace(1e-12, 1.0, 25) if a < e < b] + [b]
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        t = 0.5 * (hi - lo) * _GL_X + 0.5 * (hi + lo)
+        total += 0.5 * (hi - lo) * float(np.sum(_GL_W * f(t)))
+    return total
+
+
+def set_weight(est, k: int, n: int) -> float:
+    """E[weight · 1{S is the masked set}] for one set S of size k among n diffused positions."""
+    name = est.name
+    eps, T = getattr(est, "eps", 0.0), getattr(est, "T", None)
+    if name == "exact_count" or (name == "mc" and not eps and not T):
+        return 0.0 if k == 0 else math.factorial(k - 1) * math.factorial(n - k) / math.factorial(n)
+    if T:  # t uniform on the grid {1/T, ..., 1}
+        ts = np.arange(1, T + 1) / T
+        w = 1.0 / (ts + 1e-6) if name == "legacy_joint" else 1.0 / ts
+        return float(np.mean(w * ts**k * (1 - ts) ** (n - k)))
+    if name == "legacy_joint":
+        if getattr(est, "chunks", [(0.0, 1)]) != [(0.0, 1)]:
+            raise UserError("the exact audit of legacy_joint supports independent masking only (no chunk spec)")
+        return _integrate(lambda t: (eps + (1 - eps) * t) ** k * (1 - eps - (1 - eps) * t) ** (n - k)
+                          / (eps + (1 - eps) * t + 1e-6), 0.0, 1.0)
+    # mc with an ε floor: t = ε + (1-ε)u, weight 1/t
+    return 0.0 if k == 0 else _integrate(lambda u: (eps + (1 - eps) * u) ** (k - 1)
+                                         * (1 - eps - (1 - eps) * u) ** (n - k), 0.0, 1.0)
+
+
+# -- enumeration ------------------------------------------------------------------------------------------------
+def all_masks(n: int) -> torch.Tensor:
+    """(2^n, n) bool; row m has position i masked iff bit i of m is set."""
+    if n > MAX_DIFFUSED:
+        raise UserError(f"{n} diffused positions: too many to enumerate (limit {MAX_DIFFUSED}); shorten the "
+                        "target or lower ℓ")
+    return ((torch.arange(2**n)[:, None] >> torch.arange(n)) & 1).bool()
+
+
+def _valid_twin(est):
+    """The valid `mc` estimator with the same network settings (gives the per-position marginals)."""
+    if est.family == "mdm":
+        return MDMEstimator("mc", mask_id=est.mask_id)
+    return PrimeEstimator("mc", subtokenizer=est.st, carry_over=est.carry_over)
+
+
+def masked_nll_table(net, est, x, target, rows_per_pass: int = 512) -> torch.Tensor:
+    """(2^n, n): -log p_θ(y_j | y_{-S}) for every mask set S (row) and masked position j ∈ S (0 elsewhere)."""
+    twin = _valid_twin(est)
+    n = int(target.sum()) * (est.st.ell if est.family == "prime" else 1)
+    masks = all_masks(n)
+    rows = twin.rows_from_masks(x, target, masks, torch.ones(masks.shape[0], dtype=torch.float64))
+    (logits,) = forward_rows(net, [rows], rows_per_pass)
+    return twin.masked_nll(rows, logits)
+
+
+def exact_expectation(net, est, x, target, rows_per_pass: int = 512, table: torch.Tensor | None = None) -> float:
+    """E[est](x) = Σ_S w(S) cost(S), exactly (chain_rule: its deterministic value)."""
+    x, target = torch.as_tensor(x), torch.as_tensor(target, dtype=torch.bool)
+    if est.name == "chain_rule":
+        return estimate(net, est, x, target, None, 1, rows_per_pass).mean
+    n = int(target.sum()) * (est.st.ell if est.family == "prime" else 1)
+    sizes = all_masks(n).sum(1)
+    w = torch.tensor([set_weight(est, k, n) for k in range(n + 1)], dtype=torch.float64)[sizes]
+    if est.name == "legacy_joint":
+        masks = all_masks(n)
+        rows = est.rows_from_masks(x, target, masks, torch.ones(masks.shape[0], dtype=torch.float64),
+                                   t=torch.full((masks.shape[0],), 0.5, dtype=torch.float64))
+        (logits,) = forward_rows(net, [rows], rows_per_pass)
+        return float((w * est.cost(rows, logits)).sum())
+    if table is None:
+        table = masked_nll_table(net, est, x, target, rows_per_pass)
+    return float((w * table.sum(1)).sum())
+
+
+def exact_nll(net, est, x, target, rows_per_pass: int = 512, table: torch.Tensor | None = None) -> float:
+    """-log p(x_T | x_C) of the any-order generative process (one reveal at a time from the marginals), by DP."""
+    x, target = torch.as_tensor(x), torch.as_tensor(target, dtype=torch.bool)
+    if table is None:
+        table = masked_nll_table(net, est, x, target, rows_per_pass)
+    n = table.shape[1]
+    logg = np.full(2**n, -np.inf)
+    logg[2**n - 1] = 0.0  # everything masked
+    nll = table.numpy()
+    popcount = all_masks(n).sum(1).numpy()
+    for m in sorted(range(2**n), key=lambda m: -popcount[m]):
+        if m == 0 or logg[m] == -np.inf:
+            continue
+        base = logg[m] - math.log(popcount[m])  # choose the next position uniformly among the masked ones
+        for j in range(n):
+            if m >> j & 1:
+                nxt = m & ~(1 << j)
+                logg[nxt] = np.logaddexp(logg[nxt], base - nll[m, j])
+    return float(-logg[0])
+
+
+# -- cases ------------------------------------------------------------------------------------------------------
+def parse_source(source: str, V: int) -> torch.Tensor:
+    """'uniform', 'zipf:1.1' or a comma list of probabilities -> (V,) float64 probabilities."""
+    if source == "uniform":
+        p = torch.ones(V, dtype=torch.float64)
+    elif source.startswith("zipf:"):
+        s = float(source.split(":", 1)[1])
+        p = 1.0 / torch.arange(1, V + 1, dtype=torch.float64) ** s
+    else:
+        try:
+            p = torch.tensor([float(v) for v in source.split(",")], dtype=torch.float64)
+        except ValueError as e:
+            raise UserError(f"bad source {source!r}: use uniform, zipf:S or a comma list like 0.5,0,0,0.5") from e
+        if p.numel() != V:
+            raise UserError(f"source lists {p.numel()} probabilities but V = {V}")
+    if bool((p < 0).any()) or float(p.sum()) <= 0:
+        raise UserError(f"source {source!r}: probabilities must be >= 0 and not all 0")
+    return p / p.sum()
+
+
+@dataclass
+class AuditRow:
+    case: str
+    estimator: str
+    expectation: float  # exact E[estimate] in nats (per request / sequence)
+    reference: float  # exact NLL (model) or L·H (oracle)
+    reference_kind: str
+    gap: float  # expectation - reference (>= 0 for a valid bound)
+    is_bound_by_construction: bool
+    verdict: str
+    mc_mean: float | None = None
+    mc_stderr: float | None = None
+    mc_z: float | None = None
+    mc_verdict: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _verdict(est, expectation: float, reference: float, kind: str) -> str:
+    if est.name == "chain_rule":
+        return "exact NLL (left-to-right process)"
+    tol = 1e-7 * max(1.0, abs(reference))
+    if expectation >= reference - tol:
+        return "valid bound" if est.is_bound else "above here (not a bound in general)"
+    return "VIOLATES BOUND"
+
+
+def _mc_check(row: AuditRow, net, est, x, target, samples: int, seed: int, rows_per_pass: int,
+              weights: list[tuple[float, torch.Tensor]] | None = None) -> None:
+    """MC mean over `samples` draws must lie within 4 standard errors of the exact expectation."""
+    if est.deterministic or samples <= 0:
+        return
+    if weights is None:
+        weights = [(1.0, torch.as_tensor(x))]
+    g = torch.Generator().manual_seed(seed)
+    vals = []
+    for w, xx in weights:  # oracle: mix over x with probability w, one stratified batch each
+        r = estimate(net, est, xx, target, g, samples, rows_per_pass)
+        vals.append((w, r.mean, r.stderr))
+    mean = sum(w * m for w, m, _ in vals)
+    se = math.sqrt(sum((w * s) ** 2 for w, _, s in vals))
+    row.mc_mean, row.mc_stderr = mean, se
+    row.mc_z = (mean - row.expectation) / se if se > 0 else 0.0
+    row.mc_verdict = "converges" if abs(row.mc_z) <= 4 else "MC MEAN OFF (>4 SE)"
+
+
+def oracle_case(V: int, ell: int | None = None, base: int | None = None, source: str = "uniform",
+                perm_seed: int | None = None, perm_style: str = "megatron", L: int = 1,
+                estimators=("mc", "exact_count", "legacy_joint"), carry_over: bool = False,
+                mc_samples: int = 0, seed: int = 0, name: str | None = None) -> list[AuditRow]:
+    """Entropy floor: i.i.d. tokens, exact-conditional network; every valid estimator must give L·H."""
+    probs = parse_source(source, V)
+    st0 = SubTokenizer(V, ell=ell, base=base)
+    perm = None if perm_seed is None else make_permutation(st0.num_codes, V, seed=perm_seed, style=perm_style)
+    st = SubTokenizer(V, ell=st0.ell, base=st0.base, perm=perm)
+    net = OracleDenoiser(probs, st)
+    H = float(-(probs[probs > 0] * probs[probs > 0].log()).sum())
+    support = torch.nonzero(probs > 0).flatten().tolist()
+    target = torch.ones(L, dtype=torch.bool)
+    label = name or (f"oracle {source} V={V} ℓ={st.ell} b={st.base} "
+                     f"π={'id' if perm is None else f'seed{perm_seed}'} L={L}")
+    out = []
+    for en in estimators:
+        est = PrimeEstimator(en, subtokenizer=st, carry_over=carry_over)
+        total, mix = 0.0, []
+        for xs in itertools.product(support, repeat=L):
+            px = float(torch.prod(probs[list(xs)]))
+            total += px * exact_expectation(net, est, torch.tensor(xs), target)
+            mix.append((px, torch.tensor(xs)))
+        row = AuditRow(label, en + (" +carry" if carry_over else ""), total, L * H, "L·H (true entropy)",
+                       total - L * H, est.is_bound, _verdict(est, total, L * H, "H"))
+        _mc_check(row, net, est, None, target, mc_samples, seed, 4096, weights=mix)
+        out.append(row)
+    return out
+
+
+def model_case(family: str, V: int, *, ell: int | None = None, base: int | None = None, perm_seed: int | None = None,
+               context: int = 2, target_len: int = 3, estimators=None, carry_over: bool = False,
+               model_seed: int = 0, data_seed: int = 0, mc_samples: int = 2000, T: int | None = None,
+               scale: float = 1.0, name: str | None = None) -> list[AuditRow]:
+    """A random tiny network: every estimator's exact expectation against the exact any-order NLL."""
+    g = torch.Generator().manual_seed(data_seed)
+    L = context + target_len
+    x = torch.randint(0, V, (L,), generator=g)
+    target = torch.arange(L) >= context
+    if family == "mdm":
+        net = TinyDenoiser("mdm", V, seed=model_seed, scale=scale)
+        ests = [MDMEstimator(e, mask_id=V) for e in (estimators or ("mc", "exact_count", "chain_rule"))]
+        if T:
+            ests.append(MDMEstimator("mc", mask_id=V, T=T))
+        label = name or f"random MDM V={V} ctx={context} n={target_len}"
+    else:
+        st0 = SubTokenizer(V, ell=ell, base=base)
+        perm = None if perm_seed is None else make_permutation(st0.num_codes, V, seed=perm_seed, style="megatron")
+        st = SubTokenizer(V, ell=st0.ell, base=st0.base, perm=perm)
+        net = TinyDenoiser("prime", V, ell=st.ell, base=st.base, seed=model_seed, scale=scale)
+        ests = [PrimeEstimator(e, subtokenizer=st, carry_over=carry_over)
+                for e in (estimators or ("mc", "exact_count", "legacy_joint"))]
+        if T:
+            ests.append(PrimeEstimator("mc", subtokenizer=st, carry_over=carry_over, T=T))
+        label = name or (f"random Prime V={V} ℓ={st.ell} b={st.base} π={'id' if perm is None else 'shuffled'} "
+                         f"ctx={context} n={target_len}{' carry-over' if carry_over else ''}")
+    table = masked_nll_table(net, ests[0], x, target)
+    ref = exact_nll(net, ests[0], x, target, table=table)
+    out = []
+    for est in ests:
+        e = exact_expectation(net, est, x, target, table=table if est.name in ("mc", "exact_count") else None)
+        en = est.name + (f" T={est.T}" if getattr(est, "T", None) else "")
+        row = AuditRow(label, en, e, ref, "-log p (any-order process, exact)", e - ref, est.is_bound,
+                       _verdict(est, e, ref, "nll"))
+        _mc_check(row, net, est, x, target, mc_samples, model_seed + 1, 4096)
+        out.append(row)
+    return out
+
+
+def default_cases(fast: bool = False) -> list[AuditRow]:
+    """The cases `prime-eval audit` runs by default (about 10-30 s on 2 CPU cores)."""
+    mc = 0 if fast else 4000
+    rows = []
+    rows += oracle_case(4, ell=2, source="0.5,0,0,0.5", L=2, mc_samples=mc,
+                        name="oracle {00:½, 11:½} V=4 ℓ=2 L=2")
+    rows += oracle_case(16, base=2, source="zipf:1.1", perm_seed=0, L=1, mc_samples=mc)
+    rows += oracle_case(16, base=2, source="zipf:1.1", perm_seed=0, L=1, carry_over=True, mc_samples=mc,
+                        estimators=("mc",))
+    rows += oracle_case(27, ell=3, source="zipf:1.5", L=1, mc_samples=mc)
+    rows += model_case("mdm", 6, context=2, target_len=4, T=8, mc_samples=mc)
+    rows += model_case("prime", 6, ell=2, perm_seed=1, context=1, target_len=3, T=8, mc_samples=mc)
+    rows += model_case("prime", 6, ell=2, perm_seed=1, context=1, target_len=3, carry_over=True,
+                       estimators=("mc", "legacy_joint"), mc_samples=mc)
+    rows += model_case("prime", 8, base=2, perm_seed=2, context=2, target_len=4, mc_samples=mc,
+                       estimators=("mc", "exact_count", "legacy_joint"))
+    return rows
+
+
+def total_probability(net, est, context: torch.Tensor, target_len: int) -> float:
+    """Σ over all V^n continuations of p(x_T | x_C) under the any-order process (1 for MDM; <= 1 for Prime, the
+    rest being the mass the process puts on invalid sub-token codes)."""
+    V = net.vocab_size
+    total = 0.0
+    for xs in itertools.product(range(V), repeat=target_len):
+        x = torch.cat([torch.as_tensor(context, dtype=torch.long), torch.tensor(xs, dtype=torch.long)])
+        target = torch.arange(x.numel()) >= len(context)
+        total += math.exp(-exact_nll(net, est, x, target))
+    return total

@@ -1,0 +1,222 @@
+"""MDM-Prime likelihood estimators over sub-tokens y = f_ℓ(π(x)) (method.md §2.3–2.4, §3.3, §5).
+
+The network sees L·ℓ sub-tokens (mask = b) and outputs a V-way softmax p̃_θ(c | y_t) per token. The **valid**
+bound charges each masked sub-token the -log of its marginal:
+
+    NELBO_Prime(x) = ∫_0^1 (1/t) E_{y_t} [ Σ_i Σ_{j: y_t^{i,j} = m} -log p_θ(y^{i,j} = digit_j(π(x^i)) | y_t) ] dt
+    p_θ(y^{i,j} = v | y_t) = Σ_{c: Digits[c, j] = v} p̃_θ(c | y_t)              (one matmul: P @ onehot(Digits))
+
+p̃ is the plain softmax, or with `carry_over` the softmax restricted to tokens consistent with the token's visible
+digits (MDM-Prime v1). Both are valid bounds. Estimators:
+- `mc`           (default) sub-tokens of the target masked independently at stratified rate t, weight 1/t.
+- `exact_count`  l ~ stratified over 1..nℓ masked sub-tokens, weight nℓ/l (same expectation).
+- `legacy_joint` the *published* form: (1/(t+1e-6)) Σ_{target tokens} -log p̃_θ(x^i | y_t), the joint token CE
+                 charged once per token (v2 lit_gpt: every target token; `legacy_scope="masked"`: only tokens with a
+                 masked sub-token, as V1 with carry-over). Optional CFG, temperature τ(t) = (1-temp)t + temp and
+                 chunked masking "points/sizes" as in evaluate_prime.py. It is **not** an upper bound on NLL (it
+                 misses the conditional total correlation among a token's masked sub-tokens): `is_bound = False`.
+With ℓ = 1 and π = id, `mc` and `exact_count` reproduce the MDM estimators exactly (same seed, same draws).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from prime_eval.errors import UserError
+from prime_eval.estimators.mdm import mask_exact_count, mask_independent, sample_times
+from prime_eval.estimators.rows import Rows, stratified_uniform
+from prime_eval.subtokenizer import SubTokenizer
+
+
+def parse_chunk(spec: str | None) -> list[tuple[float, int]]:
+    """"0.0_0.75/1_15" -> [(0.0, 1), (0.75, 15)]: for t >= point use chunks of that many sub-tokens."""
+    if not spec:
+        return [(0.0, 1)]
+    try:
+        points, sizes = spec.split("/")
+        pairs = [(float(p), int(s)) for p, s in zip(points.split("_"), sizes.split("_"), strict=True)]
+    except ValueError as e:
+        raise UserError(f"bad chunk spec {spec!r}: expected 'points/sizes' such as '0.0_0.75/1_15'") from e
+    if any(s < 1 for _, s in pairs):
+        raise UserError(f"bad chunk spec {spec!r}: chunk sizes must be >= 1")
+    return sorted(pairs)
+
+
+class PrimeEstimator:
+    """Estimators of an MDM-Prime network. `subtokenizer` fixes V, ℓ, b and π; the mask id is b."""
+
+    family = "prime"
+
+    def __init__(self, name: str, *, subtokenizer: SubTokenizer, carry_over: bool = False, eps: float = 0.0,
+                 T: int | None = None, cfg: float = 0.0, temperature: float | None = None,
+                 chunk: str | None = None, legacy_scope: str = "all"):
+        if name not in ("mc", "exact_count", "legacy_joint"):
+            raise UserError(f"unknown Prime estimator {name!r}; choose mc (valid bound), exact_count or legacy_joint")
+        if name != "legacy_joint" and (cfg or temperature is not None or chunk):
+            raise UserError("cfg, temperature and chunk are not likelihoods; they are accepted only with "
+                            "estimator=legacy_joint (to reproduce published numbers)")
+        if legacy_scope not in ("all", "masked"):
+            raise UserError(f"legacy_scope must be 'all' or 'masked', got {legacy_scope!r}")
+        self.name, self.st, self.carry_over = name, subtokenizer, carry_over
+        self.eps, self.T, self.cfg, self.temperature = eps, T, float(cfg), temperature
+        self.chunks = parse_chunk(chunk)
+        self.chunk = chunk
+        self.legacy_scope = legacy_scope
+        self.mask_id = subtokenizer.base
+        V, ell, b = subtokenizer.vocab_size, subtokenizer.ell, subtokenizer.base
+        # onehot[c, j*b + v] = 1[digit_j(π(c)) = v]  (V, ℓ·b); ℓ = 1 uses a gather instead (b = V).
+        if ell > 1:
+            self.onehot = torch.zeros(V, ell * b, dtype=torch.float64)
+            cols = subtokenizer.digit_table + torch.arange(ell) * b
+            self.onehot.scatter_(1, cols, 1.0)
+
+    @property
+    def is_bound(self) -> bool:
+        return self.name != "legacy_joint"
+
+    deterministic = False
+
+    def config(self) -> dict:
+        st = self.st
+        return {"family": self.family, "estimator": self.name, "ell": st.ell, "base": st.base,
+                "vocab_size": st.vocab_size, "permutation": "identity" if st.is_identity else "shuffled",
+                "carry_over": self.carry_over, "eps": self.eps, "T": self.T, "cfg": self.cfg,
+                "temperature": self.temperature, "chunk": self.chunk,
+                "legacy_scope": self.legacy_scope if self.name == "legacy_joint" else None,
+                "is_bound": self.is_bound}
+
+    # -- masks over the n·ℓ target sub-tokens ------------------------------------------------------------------
+    def masks(self, n_sub: int, generator: torch.Generator, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.name == "exact_count":
+            m, counts = mask_exact_count(generator, k, n_sub)
+            return m, n_sub / counts.double()
+        t = sample_times(generator, k, eps=self.eps, T=self.T)
+        if self.name == "legacy_joint":
+            return self._legacy_masks(t, n_sub, generator), 1.0 / (t + 1e-6)
+        return mask_independent(generator, t, n_sub), 1.0 / t
+
+    def _legacy_masks(self, t: torch.Tensor, n_sub: int, generator: torch.Generator) -> torch.Tensor:
+        """Chunked masking: for t >= point, groups of `size` consecutive target sub-tokens share one draw."""
+        u = torch.rand(t.numel(), n_sub, generator=generator, dtype=torch.float64)
+        if self.chunks == [(0.0, 1)]:
+            return u < t[:, None]
+        out = torch.empty_like(u, dtype=torch.bool)
+        for k in range(t.numel()):
+            size = ([s for p, s in self.chunks if float(t[k]) >= p] or [1])[-1]
+            group = torch.arange(n_sub) // size
+            out[k] = u[k, group] < t[k]  # one draw per group of `size` sub-tokens decides the whole group
+        return out
+
+    # -- rows and costs -----------------------------------------------------------------------------------------
+    def rows(self, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator, num_samples: int) -> Rows:
+        x, target = torch.as_tensor(x, dtype=torch.long), torch.as_tensor(target, dtype=torch.bool)
+        if not bool(target.any()):
+            raise UserError("empty continuation: there is nothing to score")
+        masks, weights = self.masks(int(target.sum()) * self.st.ell, generator, num_samples)
+        t = 1.0 / weights - (1e-6 if self.name == "legacy_joint" else 0.0) if self.name != "exact_count" else None
+        return self.rows_from_masks(x, target, masks, weights, t=t)
+
+    def rows_from_masks(self, x: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, weights: torch.Tensor,
+                        t: torch.Tensor | None = None) -> Rows:
+        """Rows for given (K, n·ℓ) masks over the target sub-tokens and (K,) weights (t: for the temperature)."""
+        ell = self.st.ell
+        y = self.st.encode(x)  # (L·ℓ,)
+        sub_target = target.repeat_interleave(ell)  # (L·ℓ,)
+        sub_pos = torch.nonzero(sub_target).flatten()
+        K = masks.shape[0]
+        noisy = torch.zeros(K, y.numel(), dtype=torch.bool)
+        noisy[:, sub_pos] = masks
+        inputs = torch.where(noisy, torch.full_like(y, self.mask_id), y.expand(K, -1))
+        tok_noisy = noisy.view(K, -1, ell).any(-1)  # (K, L) tokens with a masked sub-token
+        if self.name == "legacy_joint" and self.legacy_scope == "all":
+            score = target.expand(K, -1).clone()  # every target token, masked or not (evaluate_prime.py)
+        else:
+            score = tok_noisy
+        data = {"x": x, "y": y, "noisy": noisy, "weights": weights, "score": score, "t": t, "sub_pos": sub_pos}
+        if self.cfg:
+            uncond = inputs.clone()
+            uncond[:, ~sub_target] = self.mask_id  # prompt sub-tokens masked for the unconditional pass
+            return Rows(inputs=torch.cat([inputs, uncond]), logits_at=torch.cat([score, score]), num_samples=K,
+                        data=data)
+        return Rows(inputs=inputs, logits_at=score, num_samples=K, data=data)
+
+    def log_probs(self, logits: torch.Tensor, visible_digits: torch.Tensor | None) -> torch.Tensor:
+        """log p̃(c | y_t), (N, V) float64; with carry-over restricted to tokens consistent with visible digits.
+
+        visible_digits: (N, ℓ) digit or -1 where masked.
+        """
+        logits = logits.double()
+        if self.carry_over and visible_digits is not None:
+            d = self.st.digit_table  # (V, ℓ)
+            vis = visible_digits >= 0
+            # consistent(c) = ∀ visible j: Digits[c, j] = y_j   (N, V) via one matmul over one-hot digits
+            if self.st.ell > 1:
+                b = self.st.base
+                u = torch.zeros(visible_digits.shape[0], self.st.ell * b, dtype=torch.float64)
+                cols = (visible_digits.clamp_min(0) + torch.arange(self.st.ell) * b)
+                u.scatter_(1, cols, vis.double())
+                matches = u @ self.onehot.T  # (N, V) number of visible digits matched
+                consistent = matches >= vis.sum(1, keepdim=True).double() - 0.5
+            else:
+                consistent = (d[None, :, 0] == visible_digits[:, :1]) | ~vis[:, :1]
+            logits = logits.masked_fill(~consistent, float("-inf"))
+        return F.log_softmax(logits, dim=-1)
+
+    def _scored(self, rows: Rows, logits: torch.Tensor):
+        d = rows.data
+        K, ell = d["noisy"].shape[0], self.st.ell
+        if self.cfg:
+            cond, un = logits.chunk(2)
+            logits = un + (self.cfg + 1.0) * (cond - un)
+        row_of, tok_of = torch.nonzero(d["score"], as_tuple=True)  # (N,) row-major like the logits
+        sub_noisy = d["noisy"].view(K, -1, ell)[row_of, tok_of]  # (N, ℓ) which digits are masked
+        digits = d["y"].view(-1, ell)[tok_of]  # (N, ℓ) true digits
+        visible = torch.where(sub_noisy, torch.full_like(digits, -1), digits)
+        return logits, row_of, tok_of, sub_noisy, digits, visible
+
+    def masked_nll(self, rows: Rows, logits: torch.Tensor) -> torch.Tensor:
+        """(K, n·ℓ) float64: -log p_θ(y^{i,j} | y_t) (marginal) at each masked target sub-token, 0 elsewhere."""
+        if self.name == "legacy_joint":
+            raise ValueError("legacy_joint has no per-sub-token terms (it charges the joint token CE)")
+        logits, row_of, tok_of, sub_noisy, digits, visible = self._scored(rows, logits)
+        K, ell = rows.data["noisy"].shape[0], self.st.ell
+        logp = self.log_probs(logits, visible)
+        if ell == 1:
+            nll = -logp.gather(1, rows.data["x"][tok_of][:, None])  # (N, 1)
+        else:
+            marg = logp.exp() @ self.onehot  # (N, ℓ·b): p(y^{i,j} = v | y_t) = Σ_{c: Digits[c,j]=v} p̃(c)
+            cols = digits + torch.arange(ell) * self.st.base
+            q = marg.gather(1, cols).clamp_min(torch.finfo(torch.float64).tiny)  # (N, ℓ) true-digit marginals
+            nll = -q.log()
+        nll = nll * sub_noisy.double()  # only masked digits pay
+        full = torch.zeros(K, rows.data["noisy"].shape[1] // ell, ell, dtype=torch.float64)
+        full[row_of, tok_of] = nll
+        return full.flatten(1)[:, rows.data["sub_pos"]]
+
+    def cost(self, rows: Rows, logits: torch.Tensor) -> torch.Tensor:
+        """(K,) float64 per-sample values."""
+        d = rows.data
+        if self.name != "legacy_joint":
+            return d["weights"] * self.masked_nll(rows, logits).sum(1)
+        logits, row_of, tok_of, sub_noisy, digits, visible = self._scored(rows, logits)
+        lg = logits.double()
+        if self.temperature is not None:  # τ(t) = (1-temp)·t + temp
+            t = d["t"][row_of]
+            lg = lg / ((1.0 - self.temperature) * t + self.temperature)[:, None]
+        logp = self.log_probs(lg, visible)  # carry-over: a fully visible token costs exactly 0
+        nll = -logp.gather(1, d["x"][tok_of][:, None]).squeeze(1)  # joint token CE, charged once per token
+        K = d["noisy"].shape[0]
+        return d["weights"] * torch.zeros(K, dtype=torch.float64).index_add_(0, row_of, nll)
+
+
+def digit_marginals(st: SubTokenizer, log_probs: torch.Tensor) -> torch.Tensor:
+    """(N, V) log p̃ -> (N, ℓ, b) marginals p(y^j = v) = Σ_{c: Digits[c,j]=v} p̃(c)  (for greedy decoding / audit)."""
+    N, V = log_probs.shape
+    out = torch.zeros(N, st.ell, st.base, dtype=torch.float64)
+    p = log_probs.double().exp()
+    for j in range(st.ell):
+        out[:, j].index_add_(1, st.digit_table[:, j], p)
+    return out
+
+
+__all__ = ["PrimeEstimator", "parse_chunk", "digit_marginals", "stratified_uniform"]

@@ -1,0 +1,1 @@
+"""Networks, one architecture per file (see docs/ARCHITECTURE.md for the network contract)."""

@@ -1,0 +1,91 @@
+"""Tiny networks for audits and tests: small enough to enumerate every mask, order and sequence.
+
+- `TinyDenoiser`: a 1-layer transformer (bidirectional for MDM/Prime, causal for ARM), random from a seed.
+  Prime inputs use the lit_gpt layout: a (b+1)·ℓ-row sub-token table, row digit + j·(b+1), summed per token.
+- `OracleDenoiser`: tokens i.i.d. from a known categorical π_V; returns the *exact* conditional
+  p(c | y_t) ∝ π_V(c)·1[c consistent with the token's visible digits], so the model's distribution is the data's.
+Both satisfy the network contract of docs/ARCHITECTURE.md.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from prime_eval.subtokenizer import SubTokenizer
+
+
+class TinyDenoiser(nn.Module):
+    def __init__(self, family: str, vocab_size: int, *, ell: int = 1, base: int | None = None, d: int = 32,
+                 n_head: int = 2, max_length: int = 64, seed: int = 0, scale: float = 1.0):
+        super().__init__()
+        self.family, self.vocab_size, self.ell, self.max_length = family, vocab_size, ell, max_length
+        self.base = base if family == "prime" else None
+        if family == "prime":
+            self.mask_id = base
+            n_rows = (base + 1) * ell
+        else:
+            self.mask_id = vocab_size if family == "mdm" else None
+            n_rows = vocab_size + (1 if family == "mdm" else 0)
+        g = torch.Generator().manual_seed(seed)
+        self.wte = nn.Embedding(n_rows, d)
+        self.wpe = nn.Embedding(max_length, d)
+        self.attn = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.lm_head = nn.Linear(d, vocab_size)
+        self.n_head = n_head
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * scale / max(1, p.shape[-1]) ** 0.5)
+
+    def forward(self, idx, *, attention_mask=None, logits_at=None):
+        if self.family == "prime":
+            B, T = idx.shape
+            L = T // self.ell
+            rows = idx.view(B, L, self.ell) + torch.arange(self.ell, device=idx.device) * (self.base + 1)
+            h = self.wte(rows).sum(2)  # (B, L, d) summed sub-token embeddings
+        else:
+            B, L = idx.shape
+            h = self.wte(idx)
+        h = h + self.wpe(torch.arange(L, device=idx.device))
+        q, k, v = self.attn(h).view(B, L, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)  # (B, nh, L, hs) each
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask[:, None, None, :]  # (B, 1, 1, L) keys
+        if self.family == "arm":
+            causal = torch.ones(L, L, dtype=torch.bool, device=idx.device).tril()
+            mask = causal if mask is None else mask & causal
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        h = h + self.proj(a.transpose(1, 2).reshape(B, L, -1))
+        h = h + self.mlp(h)
+        if logits_at is not None:
+            h = h[logits_at]
+        return self.lm_head(h)
+
+
+class OracleDenoiser(nn.Module):
+    """Exact conditional of i.i.d. tokens with probabilities `probs` (V,), under the sub-tokenizer `st`."""
+
+    def __init__(self, probs: torch.Tensor, st: SubTokenizer | None = None, family: str = "prime"):
+        super().__init__()
+        self.family, self.vocab_size = family, probs.numel()
+        self.st = st or SubTokenizer(self.vocab_size, ell=1)
+        self.ell, self.base = (self.st.ell, self.st.base) if family == "prime" else (1, None)
+        self.mask_id = self.st.base if family == "prime" else self.vocab_size
+        self.max_length = 1 << 20
+        self.register_buffer("log_probs", probs.double().clamp_min(1e-300).log())
+        self._dummy = nn.Parameter(torch.zeros(0))
+
+    def forward(self, idx, *, attention_mask=None, logits_at=None):
+        B = idx.shape[0]
+        ell = self.ell
+        y = idx.view(B, -1, ell)  # (B, L, ℓ)
+        lp = self.log_probs.expand(B, y.shape[1], -1)
+        if self.family == "prime":
+            d = self.st.digit_table.to(idx.device)  # (V, ℓ)
+            vis = y != self.mask_id
+            ok = ((d[None, None] == y[:, :, None, :]) | ~vis[:, :, None, :]).all(-1)  # (B, L, V)
+            lp = lp.masked_fill(~ok, -1e30)
+        out = lp if logits_at is None else lp[logits_at]
+        return out  # float64: exact enough for audits

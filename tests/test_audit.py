@@ -1,0 +1,48 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from prime_eval import audit
+
+
+def test_default_cases_certify_valid_estimators_and_flag_legacy():
+    rows = audit.default_cases(fast=True)
+    for r in rows:
+        if r.is_bound_by_construction and r.estimator.split()[0] != "chain_rule":
+            assert r.verdict == "valid bound", r
+            assert r.gap >= -1e-7
+    oracle_legacy = [r for r in rows if r.case.startswith("oracle") and r.estimator == "legacy_joint"]
+    assert oracle_legacy and all(r.verdict == "VIOLATES BOUND" for r in oracle_legacy)
+    first = {r.estimator: r.expectation for r in rows if r.case.startswith("oracle {00")}
+    assert first["mc"] == pytest.approx(2 * math.log(2)) and first["legacy_joint"] == pytest.approx(math.log(2),
+                                                                                                      abs=1e-5)
+
+
+def test_set_weights_sum_to_harmonic_identity():
+    # Σ_k C(n,k) w(k) = Σ_k 1/k  (the 1/t estimator's total weight per size)
+    n = 6
+    est = type("E", (), {"name": "mc", "eps": 0.0, "T": None})()
+    assert sum(math.comb(n, k) * audit.set_weight(est, k, n) for k in range(1, n + 1)) == pytest.approx(
+        sum(1 / k for k in range(1, n + 1)))
+    eps_est = type("E", (), {"name": "mc", "eps": 1e-3, "T": None})()
+    assert audit.set_weight(eps_est, 2, 4) == pytest.approx(audit.set_weight(est, 2, 4), rel=5e-3)
+
+
+def test_cli_json_custom_case():
+    out = subprocess.run([sys.executable, "-m", "prime_eval.cli", "audit", "--json", "--samples", "500",
+                          "--kind", "oracle", "--V", "8", "--base", "2", "--perm-seed", "3", "--source", "zipf:1.3"],
+                         capture_output=True, text=True, check=True)
+    data = json.loads(out.stdout)
+    est = {r["estimator"]: r for r in data["rows"]}
+    assert est["mc"]["verdict"] == "valid bound" and est["legacy_joint"]["verdict"] == "VIOLATES BOUND"
+    assert data["valid_estimators_pass"] and data["mc_converges"]
+
+
+def test_cli_rejects_bad_source():
+    out = subprocess.run([sys.executable, "-m", "prime_eval.cli", "audit", "--fast", "--kind", "oracle", "--V", "4",
+                          "--source", "0.5,0.5"], capture_output=True, text=True)
+    assert out.returncode == 2 and "lists 2 probabilities but V = 4" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,195 @@
+"""Every estimator against an exact answer (enumeration over masks, orders and sequences) on tiny models."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prime_eval import audit
+from prime_eval.errors import UserError
+from prime_eval.estimators import estimate, forward_rows, get_estimator
+from prime_eval.estimators.prime import digit_marginals, parse_chunk
+from prime_eval.networks.toy import OracleDenoiser, TinyDenoiser
+from prime_eval.subtokenizer import SubTokenizer, make_permutation
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _oracle_expectation(probs, st, name, L=2, carry_over=False):
+    net = OracleDenoiser(probs, st)
+    est = get_estimator("prime", name, subtokenizer=st, carry_over=carry_over)
+    support = torch.nonzero(probs > 0).flatten().tolist()
+    return sum(float(torch.prod(probs[list(xs)])) * audit.exact_expectation(net, est, torch.tensor(xs),
+                                                                            torch.ones(L, dtype=torch.bool))
+               for xs in itertools.product(support, repeat=L))
+
+
+def test_oracle_floor_published_example():
+    """V=4, ℓ=2, tokens {00: ½, 11: ½} i.i.d., L=2: valid 1.386 nats, the published joint form 0.693 (method.md §5.1)."""
+    st = SubTokenizer(4, ell=2)
+    probs = torch.tensor([0.5, 0, 0, 0.5], dtype=torch.float64)
+    assert _oracle_expectation(probs, st, "mc") == pytest.approx(2 * math.log(2), abs=1e-9)
+    assert _oracle_expectation(probs, st, "exact_count") == pytest.approx(2 * math.log(2), abs=1e-9)
+    assert _oracle_expectation(probs, st, "legacy_joint") == pytest.approx(math.log(2), abs=1e-5)
+
+
+@pytest.mark.parametrize("ell_or_base", [("ell", 1), ("ell", 2), ("base", 2)])
+@pytest.mark.parametrize("perm_style", [None, "lit_gpt", "megatron"])
+def test_oracle_valid_bound_equals_entropy_for_every_ell_and_permutation(ell_or_base, perm_style):
+    V = 12
+    probs = 1.0 / torch.arange(1, V + 1, dtype=torch.float64) ** 1.2
+    probs /= probs.sum()
+    H = float(-(probs * probs.log()).sum())
+    st0 = SubTokenizer(V, **{ell_or_base[0]: ell_or_base[1]})
+    perm = None if perm_style is None else make_permutation(st0.num_codes, V, seed=7, style=perm_style)
+    st = SubTokenizer(V, ell=st0.ell, base=st0.base, perm=perm)
+    for carry in (False, True):
+        assert _oracle_expectation(probs, st, "mc", L=1, carry_over=carry) == pytest.approx(H, abs=1e-9)
+    legacy = _oracle_expectation(probs, st, "legacy_joint", L=1)
+    if st.ell == 1:
+        assert legacy == pytest.approx(H, rel=1e-4)
+    else:
+        assert legacy < H - 1e-3  # the published form reports less than the true entropy
+
+
+def test_prime_ell1_equals_mdm_exactly():
+    V = 7
+    x = torch.tensor([1, 2, 3, 4, 5, 6])
+    target = torch.tensor([0, 0, 1, 1, 1, 1], dtype=torch.bool)
+    mdm_net = TinyDenoiser("mdm", V, seed=3)
+    prime_net = TinyDenoiser("prime", V, ell=1, base=V, seed=0)
+    prime_net.load_state_dict(mdm_net.state_dict())
+    st = SubTokenizer(V, ell=1)
+    for name in ("mc", "exact_count"):
+        a = estimate(mdm_net, get_estimator("mdm", name, mask_id=V), x, target, _gen(5), 32)
+        b = estimate(prime_net, get_estimator("prime", name, subtokenizer=st), x, target, _gen(5), 32)
+        assert torch.equal(a.values, b.values)
+
+
+def _random_cases():
+    yield "mdm", TinyDenoiser("mdm", 5, seed=1), get_estimator("mdm", "mc", mask_id=5), 5
+    st = SubTokenizer(6, ell=2, perm=make_permutation(9, 6, seed=2, style="megatron"))
+    for carry in (False, True):
+        yield "prime", TinyDenoiser("prime", 6, ell=2, base=3, seed=4), \
+            get_estimator("prime", "mc", subtokenizer=st, carry_over=carry), 6
+
+
+@pytest.mark.parametrize("case", list(range(3)))
+def test_bound_above_exact_nll_and_mc_unbiased(case):
+    family, net, est, V = list(_random_cases())[case]
+    x = torch.tensor([1, 3, 0, 2, 4])
+    target = torch.tensor([0, 0, 1, 1, 1], dtype=torch.bool)
+    table = audit.masked_nll_table(net, est, x, target)
+    nll = audit.exact_nll(net, est, x, target, table=table)
+    for name in ("mc", "exact_count"):
+        e = get_estimator(family, name, **({"mask_id": V} if family == "mdm" else
+                                           {"subtokenizer": est.st, "carry_over": est.carry_over}))
+        expectation = audit.exact_expectation(net, e, x, target, table=table)
+        assert expectation >= nll - 1e-9
+        r = estimate(net, e, x, target, _gen(11), 3000, rows_per_pass=1024)
+        assert abs(r.mean - expectation) < 4 * r.stderr, (name, r.mean, expectation, r.stderr)
+
+
+def test_discrete_time_bound_is_valid_and_looser():
+    net = TinyDenoiser("mdm", 5, seed=1)
+    x, target = torch.tensor([1, 3, 0, 2, 4]), torch.tensor([0, 1, 1, 1, 1], dtype=torch.bool)
+    cont = get_estimator("mdm", "mc", mask_id=5)
+    disc = get_estimator("mdm", "mc", mask_id=5, T=4)
+    table = audit.masked_nll_table(net, cont, x, target)
+    nll = audit.exact_nll(net, cont, x, target, table=table)
+    e_cont = audit.exact_expectation(net, cont, x, target, table=table)
+    e_disc = audit.exact_expectation(net, disc, x, target, table=table)
+    assert e_disc >= e_cont >= nll
+    r = estimate(net, disc, x, target, _gen(3), 4000, rows_per_pass=4096)
+    assert abs(r.mean - e_disc) < 4 * r.stderr
+
+
+def test_any_order_process_is_normalised():
+    mdm = TinyDenoiser("mdm", 3, seed=2)
+    est = get_estimator("mdm", "mc", mask_id=3)
+    assert audit.total_probability(mdm, est, torch.tensor([1]), 3) == pytest.approx(1.0, abs=1e-9)
+    st = SubTokenizer(3, ell=2)  # b=2: one invalid code, so some mass may be lost but never created
+    prime = TinyDenoiser("prime", 3, ell=2, base=2, seed=2)
+    total = audit.total_probability(prime, get_estimator("prime", "mc", subtokenizer=st), torch.tensor([1]), 2)
+    assert 0.5 < total <= 1.0 + 1e-9
+
+
+def test_chain_rule_is_a_normalised_likelihood():
+    V = 3
+    net = TinyDenoiser("mdm", V, seed=5)
+    est = get_estimator("mdm", "chain_rule", mask_id=V)
+    assert est.deterministic
+    total = 0.0
+    for xs in itertools.product(range(V), repeat=3):
+        x = torch.tensor([2, *xs])
+        total += math.exp(-estimate(net, est, x, torch.tensor([0, 1, 1, 1], dtype=torch.bool), None).mean)
+    assert total == pytest.approx(1.0, abs=1e-9)
+
+
+def test_arm_exact_and_greedy():
+    net = TinyDenoiser("arm", 9, seed=1)
+    x = torch.tensor([0, 4, 2, 7, 1])
+    target = torch.tensor([0, 0, 0, 1, 1], dtype=torch.bool)
+    est = get_estimator("arm")
+    r = estimate(net, est, x, target, None)
+    with torch.no_grad():
+        logp = F.log_softmax(net(x[None]).double(), -1)[0]
+    assert r.mean == pytest.approx(-(logp[2, 7] + logp[3, 1]).item(), abs=1e-6)
+    rows = est.rows(x, target)
+    (logits,) = forward_rows(net, [rows])
+    assert est.is_greedy(rows, logits) == bool(logp[2].argmax() == 7 and logp[3].argmax() == 1)
+
+
+def test_seed_determinism_under_batch_splits_and_packing():
+    st = SubTokenizer(8, base=2, perm=make_permutation(8, 8, seed=0, style="megatron"))
+    net = TinyDenoiser("prime", 8, ell=3, base=2, seed=3)
+    est = get_estimator("prime", "mc", subtokenizer=st)
+    reqs = [(torch.tensor([1, 2, 3, 4]), torch.tensor([0, 0, 1, 1], dtype=torch.bool)),
+            (torch.tensor([5, 6, 7]), torch.tensor([0, 1, 1], dtype=torch.bool)),
+            (torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([0, 0, 0, 0, 1, 1], dtype=torch.bool))]
+    alone = [estimate(net, est, x, t, _gen(i), 16, rows_per_pass=1).values for i, (x, t) in enumerate(reqs)]
+    rows = [est.rows(x, t, _gen(i), 16) for i, (x, t) in enumerate(reqs)]
+    for rpp in (3, 64):
+        packed = forward_rows(net, rows, rows_per_pass=rpp)
+        for i, r in enumerate(rows):
+            torch.testing.assert_close(est.cost(r, packed[i]), alone[i], rtol=1e-6, atol=1e-6)
+    again = estimate(net, est, *reqs[0], _gen(0), 16).values
+    torch.testing.assert_close(again, alone[0], rtol=1e-6, atol=1e-6)
+    other = estimate(net, est, *reqs[0], _gen(99), 16).values
+    assert not torch.allclose(other, alone[0])
+
+
+def test_marginals_are_normalised_and_carry_over_zeroes_visible_tokens():
+    st = SubTokenizer(6, ell=2, perm=make_permutation(9, 6, seed=1, style="megatron"))
+    logp = torch.log_softmax(torch.randn(4, 6, generator=_gen(1), dtype=torch.float64), -1)
+    torch.testing.assert_close(digit_marginals(st, logp).sum(-1), torch.ones(4, 2, dtype=torch.float64))
+    # legacy with carry-over, fully visible target token: exactly 0 cost
+    net = TinyDenoiser("prime", 6, ell=2, base=3, seed=0)
+    est = get_estimator("prime", "legacy_joint", subtokenizer=st, carry_over=True, legacy_scope="masked")
+    x, target = torch.tensor([1, 2]), torch.tensor([0, 1], dtype=torch.bool)
+    rows = est.rows_from_masks(x, target, torch.tensor([[False, False]]), torch.ones(1, dtype=torch.float64))
+    assert rows.num_logits == 0
+
+
+def test_options_and_bad_input():
+    st = SubTokenizer(6, ell=2)
+    with pytest.raises(UserError, match="only with estimator=legacy_joint"):
+        get_estimator("prime", "mc", subtokenizer=st, cfg=0.5)
+    with pytest.raises(UserError, match="only with estimator=legacy_joint"):
+        get_estimator("prime", "mc", subtokenizer=st, temperature=0.5)
+    with pytest.raises(UserError, match="not available"):
+        get_estimator("mdm", "legacy_joint", mask_id=6)
+    with pytest.raises(UserError, match="empty continuation"):
+        get_estimator("mdm", "mc", mask_id=6).rows(torch.tensor([1, 2]), torch.zeros(2, dtype=torch.bool), _gen(), 4)
+    assert parse_chunk("0.0_0.75/1_15") == [(0.0, 1), (0.75, 15)]
+    with pytest.raises(UserError, match="bad chunk spec"):
+        parse_chunk("0.5/1_2")
+    legacy = get_estimator("prime", "legacy_joint", subtokenizer=st, cfg=0.5, temperature=0.2, chunk="0.0_0.5/1_2")
+    assert not legacy.is_bound and get_estimator("prime", "mc", subtokenizer=st).is_bound
+    assert not get_estimator("mdm", "mc", mask_id=6, cfg=1.0).is_bound
+    net = TinyDenoiser("prime", 6, ell=2, base=3, seed=0)
+    r = estimate(net, legacy, torch.tensor([1, 2, 3]), torch.tensor([0, 1, 1], dtype=torch.bool), _gen(), 8)
+    assert r.values.shape == (8,) and torch.isfinite(r.values).all()
