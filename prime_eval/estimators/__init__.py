@@ -15,19 +15,20 @@ from prime_eval.errors import UserError
 from prime_eval.estimators.arm import ARMEstimator
 from prime_eval.estimators.mdm import MDMEstimator
 from prime_eval.estimators.prime import PrimeEstimator
-from prime_eval.estimators.rows import Estimate, Rows, forward_rows
+from prime_eval.estimators.iw import IWEstimator, make_iw
+from prime_eval.estimators.rows import Estimate, Rows, forward_rows, mean_and_stderr
 
 ESTIMATORS = {
     "arm": ("exact",),
-    "mdm": ("mc", "exact_count", "chain_rule"),
-    "prime": ("mc", "exact_count", "legacy_joint"),
+    "mdm": ("mc", "exact_count", "chain_rule", "iw"),
+    "prime": ("mc", "exact_count", "legacy_joint", "iw"),
 }
 DEFAULT_ESTIMATOR = {"arm": "exact", "mdm": "mc", "prime": "mc"}
 
 
 def get_estimator(family: str, name: str | None = None, **options):
     """Build an estimator. Options: mask_id (mdm), subtokenizer, carry_over (prime), eps, T, cfg, temperature,
-    chunk, legacy_scope (prime legacy_joint)."""
+    chunk, legacy_scope (prime legacy_joint); for `iw`: net, proposal (uniform|pl), tau."""
     if family not in ESTIMATORS:
         raise UserError(f"unknown model family {family!r}; choose one of {', '.join(ESTIMATORS)}")
     name = name or DEFAULT_ESTIMATOR[family]
@@ -39,6 +40,15 @@ def get_estimator(family: str, name: str | None = None, **options):
         if extra:
             raise UserError(f"options {sorted(extra)} do not apply to the exact ARM likelihood")
         return ARMEstimator()
+    if name == "iw":
+        iw_opts = {k: options.pop(k) for k in ("net", "proposal", "tau") if k in options and options[k] is not None}
+        bad = {k for k, v in options.items() if k not in ("mask_id", "subtokenizer", "carry_over")
+               and v not in (None, False, 0, 0.0)}
+        if bad:
+            raise UserError(f"options {sorted(bad)} do not apply to the iw estimator")
+        base = get_estimator(family, "mc", **{k: v for k, v in options.items()
+                                              if k in ("mask_id", "subtokenizer", "carry_over")})
+        return IWEstimator(base, **iw_opts)
     if family == "mdm":
         allowed = {"mask_id", "eps", "T", "cfg"}
         bad = {k for k, v in options.items() if k not in allowed and v not in (None, False, 0, 0.0)}
@@ -53,8 +63,9 @@ def estimate(net, est, x: torch.Tensor, target: torch.Tensor, generator: torch.G
     """All K per-sample values for one request (convenience wrapper around rows -> forward -> cost)."""
     rows = est.rows(x, target, generator, num_samples)
     (logits,) = forward_rows(net, [rows], rows_per_pass)
-    return Estimate(values=est.cost(rows, logits), num_forward_rows=int(rows.logits_at.any(1).sum()))
+    return Estimate(values=est.cost(rows, logits), num_forward_rows=int(rows.logits_at.any(1).sum()),
+                    aggregate=getattr(est, "aggregate", None))
 
 
-__all__ = ["get_estimator", "estimate", "forward_rows", "Rows", "Estimate", "ARMEstimator", "MDMEstimator",
-           "PrimeEstimator", "ESTIMATORS", "DEFAULT_ESTIMATOR"]
+__all__ = ["get_estimator", "estimate", "forward_rows", "mean_and_stderr", "Rows", "Estimate", "ARMEstimator",
+           "MDMEstimator", "PrimeEstimator", "IWEstimator", "make_iw", "ESTIMATORS", "DEFAULT_ESTIMATOR"]

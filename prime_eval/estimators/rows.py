@@ -43,15 +43,24 @@ class Estimate:
     values: torch.Tensor  # (K,) float64
     num_forward_rows: int
     extra: dict = field(default_factory=dict)
+    aggregate: object = None  # estimator-specific (values) -> (estimate, stderr); default: mean and its SE
 
     @property
     def mean(self) -> float:
-        return float(self.values.mean())
+        return mean_and_stderr(self.values, self.aggregate)[0]
 
     @property
     def stderr(self) -> float:
-        k = self.values.numel()
-        return float(self.values.std(unbiased=True) / math.sqrt(k)) if k > 1 else 0.0
+        return mean_and_stderr(self.values, self.aggregate)[1]
+
+
+def mean_and_stderr(values: torch.Tensor, aggregate=None) -> tuple[float, float]:
+    """The estimate from K per-sample values: their mean and its standard error (or the estimator's own rule,
+    e.g. -log-mean-exp for `iw`). Use `getattr(est, "aggregate", None)`."""
+    if aggregate is not None:
+        return aggregate(values)
+    k = values.numel()
+    return float(values.mean()), (float(values.std(unbiased=True) / math.sqrt(k)) if k > 1 else 0.0)
 
 
 def forward_rows(net, rows_list: list[Rows], rows_per_pass: int = 64) -> list[torch.Tensor]:

@@ -1,1 +1,17 @@
-"""Networks, one architecture per file (see docs/ARCHITECTURE.md for the network contract)."""
+"""Networks, one architecture per file. Every network satisfies the contract in docs/ARCHITECTURE.md:
+attributes `family`, `vocab_size`, `mask_id`, `ell`, `base`, `max_length` and
+`forward(idx, *, attention_mask=None, logits_at=None)` returning fp32 logits over exactly `vocab_size` classes.
+
+| file | classes | upstream |
+|---|---|---|
+| `lit_gpt.py` | `GPT` (arm), `TransEncoder` (mdm ℓ=1, prime ℓ>1) | SMDM / MDM-Prime-v2 SlimPajama (`Diff_LLaMA_*M`) |
+| `mdlm_dit.py` | `DIT` (mdm), `PerceiverDIT` (prime), `AR` (arm) | MDLM / MDM-Prime v1 OpenWebText |
+| `hf_causal.py` | `HFCausalLM` (arm) | any transformers `AutoModelForCausalLM` |
+
+Checkpoint detection and loading live in `prime_eval.checkpoints` (`load_network`, `inspect_checkpoint`).
+"""
+from prime_eval.networks.hf_causal import HFCausalLM
+from prime_eval.networks.lit_gpt import GPT, Config as LitGPTConfig, TransEncoder
+from prime_eval.networks.mdlm_dit import AR, DIT, DiTConfig, PerceiverDIT
+
+__all__ = ["GPT", "TransEncoder", "LitGPTConfig", "DIT", "PerceiverDIT", "AR", "DiTConfig", "HFCausalLM"]
