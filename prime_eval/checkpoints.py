@@ -317,7 +317,7 @@ def _read_hf_dir(path: str) -> _Source:
     return src
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # `org/name` or a legacy single name (`gpt2`)
 
 
 def _read(path: str | os.PathLike) -> _Source:
@@ -342,7 +342,7 @@ def _read(path: str | os.PathLike) -> _Source:
                 if p.suffix == ".safetensors":
                     raise UserError(f"cannot read {path} as safetensors: {e}") from e
         return _read_torch(path)
-    if _HUB_ID.match(path) and not path.startswith((".", "/")):
+    if _HUB_ID.match(path) and not path.endswith(WEIGHT_SUFFIXES):
         src = _Source(path, "hf-hub", hf_id=path)
         try:
             from transformers import AutoConfig
