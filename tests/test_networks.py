@@ -99,8 +99,9 @@ def test_rope_bf16_table_is_a_small_perturbation():
     b.load_state_dict(a.state_dict())
     x = torch.randint(0, 100, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        d = (a(x) - b(x)).abs().max()
-    assert 0 < d < 5e-2
+        ref = a(x)
+        d = (ref - b(x)).abs().max() / ref.abs().max()  # relative to the logit scale
+    assert 0 < d < 2e-2
 
 
 # ------------------------------------------------------------------------------------------------ upstream facts
