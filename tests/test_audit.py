@@ -46,3 +46,11 @@ def test_cli_rejects_bad_source():
                           "--source", "0.5,0.5"], capture_output=True, text=True)
     assert out.returncode == 2 and "lists 2 probabilities but V = 4" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args", [["--fast"], ["--samples", "50"]])
+def test_cli_default_table_runs(args):
+    out = subprocess.run([sys.executable, "-m", "prime_eval.cli", "audit", *args], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "VIOLATES BOUND" in out.stdout and "every valid estimator is a bound" in out.stdout
+    assert "iw uniform K=16" in out.stdout

@@ -77,8 +77,12 @@ def main(args) -> int:
             table.add_column(col, overflow="fold")
         last = None
         for r in rows:
-            style = "bold red" if r.verdict == "VIOLATES BOUND" else ("green" if r.verdict == "valid bound" else "")
-            mcs = "" if r.mc_mean is None else f"{r.mc_mean:.4f} ± {r.mc_stderr:.4f} (z={r.mc_z:+.1f})"
+            style = "bold red" if r.verdict.isupper() else ("green" if r.verdict.startswith("valid bound") else "")
+            mcs = "" if r.mc_mean is None else f"{r.mc_mean:.4f} ± {r.mc_stderr:.4f}"
+            if r.mc_z is not None:
+                mcs += f" (z={r.mc_z:+.1f})"
+            elif r.mc_stderr:
+                mcs = f"MC estimate of the exact value, SE {r.mc_stderr:.5f}"
             table.add_row(r.case if r.case != last else "", r.estimator, f"{r.expectation:.4f}",
                           f"{r.reference:.4f}", f"{r.gap:+.4f}", f"[{style}]{r.verdict}[/]" if style else r.verdict,
                           mcs)
