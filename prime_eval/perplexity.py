@@ -48,13 +48,13 @@ completes it gets them all. Only a block cut inside a multi-token character can 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import math
 import os
 import platform
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -108,10 +108,10 @@ def as_source(obj) -> TextSource:
                     "an iterable of strings")
 
 
-def _iter_paragraphs(path: Path) -> Iterator[str]:
+def _iter_paragraphs(path: Path, encoding: str = "utf-8") -> Iterator[str]:
     """Blank-line-separated paragraphs (a line of only whitespace is blank); inner newlines kept; streamed."""
     lines: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with _decoding(path, encoding), open(path, encoding=encoding) as f:
         for line in f:
             if line.strip():
                 lines.append(line)
@@ -120,6 +120,40 @@ def _iter_paragraphs(path: Path) -> Iterator[str]:
                 lines = []
     if lines:
         yield "".join(lines).rstrip("\n")
+
+
+@contextlib.contextmanager
+def _decoding(path: Path, encoding: str):
+    """Turn a UnicodeDecodeError while reading `path` into a UserError that says where and how to fix it."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        where = _first_decode_error(path, encoding)
+        at = f" at byte {where[0]:,} (line {where[1]:,}: byte 0x{where[2]:02x})" if where else ""
+        raise UserError(f"{path} is not {encoding} text{at}; convert it (e.g. iconv -f LATIN1 -t UTF-8 "
+                        f"{path.name} > fixed.txt) or give its encoding with --encoding (e.g. latin-1)") from e
+
+
+def _first_decode_error(path: Path, encoding: str, chunk: int = 1 << 20) -> tuple[int, int, int] | None:
+    """(byte offset, 1-based line, offending byte) of the first undecodable byte, read in 1 MiB chunks."""
+    import codecs
+
+    dec = codecs.getincrementaldecoder(encoding)()
+    offset, line = 0, 1
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(chunk)
+            try:
+                dec.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                pos = offset + e.start - len(dec.getstate()[0])  # bytes the decoder held back belong before `data`
+                pos = max(pos, offset)
+                bad = data[pos - offset] if pos - offset < len(data) else 0
+                return pos, line + data[:pos - offset].count(b"\n"), bad
+            if not data:
+                return None
+            line += data.count(b"\n")
+            offset += len(data)
 
 
 def _pick_field(row: dict, text_field: str | None, where: str) -> str:
@@ -136,8 +170,8 @@ def _pick_field(row: dict, text_field: str | None, where: str) -> str:
     return "" if value is None else str(value)
 
 
-def _iter_jsonl(path: Path, text_field: str | None) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
+def _iter_jsonl(path: Path, text_field: str | None, encoding: str = "utf-8") -> Iterator[str]:
+    with _decoding(path, encoding), open(path, encoding=encoding) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -151,7 +185,7 @@ def _iter_jsonl(path: Path, text_field: str | None) -> Iterator[str]:
 
 
 def text_files(paths: Iterable[str | os.PathLike], *, text_field: str | None = None,
-               txt_docs: str = "paragraph") -> TextSource:
+               txt_docs: str = "paragraph", encoding: str = "utf-8") -> TextSource:
     """Local files, read lazily in order. `.jsonl`: one document per line from `text_field` (default: `text`, or
     the only string field). `.txt` (any other suffix): `txt_docs="paragraph"` (default) gives one document per
     blank-line-separated paragraph, streamed; `"file"` gives one document per file (a file is then held in memory).
@@ -159,6 +193,12 @@ def text_files(paths: Iterable[str | os.PathLike], *, text_field: str | None = N
     paths = [Path(p) for p in paths]
     if txt_docs not in ("paragraph", "file"):
         raise UserError(f"txt_docs must be 'paragraph' or 'file', got {txt_docs!r}")
+    try:
+        import codecs
+
+        codecs.lookup(encoding)
+    except LookupError:
+        raise UserError(f"unknown text encoding {encoding!r} (e.g. utf-8, latin-1, cp1252)") from None
     for p in paths:
         if not p.is_file():
             raise UserError(f"text file not found: {p}")
@@ -166,15 +206,17 @@ def text_files(paths: Iterable[str | os.PathLike], *, text_field: str | None = N
     def docs() -> Iterator[str]:
         for p in paths:
             if p.suffix == ".jsonl":
-                yield from _iter_jsonl(p, text_field)
+                yield from _iter_jsonl(p, text_field, encoding)
             elif txt_docs == "file":
-                yield p.read_text(encoding="utf-8", errors="replace")
+                with _decoding(p, encoding):
+                    yield p.read_text(encoding=encoding)
             else:
-                yield from _iter_paragraphs(p)
+                yield from _iter_paragraphs(p, encoding)
 
     info = {"dataset": ",".join(str(p) for p in paths), "files": [str(p) for p in paths], "split": None,
             "text_field": text_field,
-            "txt_docs": txt_docs if any(p.suffix != ".jsonl" for p in paths) else None}
+            "txt_docs": txt_docs if any(p.suffix != ".jsonl" for p in paths) else None,
+            **({"encoding": encoding} if encoding.lower().replace("_", "-") not in ("utf-8", "utf8") else {})}
     return TextSource(docs, info)
 
 
@@ -664,7 +706,7 @@ def _tokenizer_info(tokenizer) -> dict:
 def evaluate_perplexity(net, tokenizer, source, protocol: Protocol | None = None, *, estimator=None,
                         estimator_options: dict | None = None, batch_size: int = 16, model: dict | None = None,
                         progress: bool | object = False, on_block: Callable | None = None,
-                        doc_batch: int = 64) -> dict:
+                        doc_batch: int = 64, cache_dir: str | os.PathLike | None = None) -> dict:
     """Score `source` with `net` under `protocol`; returns the perplexity JSON (docs/ARCHITECTURE.md) as a dict.
 
     Args:
@@ -677,6 +719,14 @@ def evaluate_perplexity(net, tokenizer, source, protocol: Protocol | None = None
       model: {"name", "checkpoint", "checkpoint_sha256", "params", ...} recorded in the JSON.
       progress: True (a rich bar on stderr) or a rich Console to draw on.
       on_block: called as on_block(block, values, tokens) after each scored block (values: (K,) nats).
+      cache_dir: resumable cache of per-block values (`prime_eval.cache`), keyed by the checkpoint's hash, the
+        estimator, K, seed, strata and the block (index and token ids): a killed run restarted with the same
+        arguments recomputes only the blocks it had not stored.
+
+    Data-parallel (docs/scale-out.md): inside a torch.distributed process group (torchrun), every rank reads and
+    tokenizes the whole stream, scores the blocks with index ≡ rank (mod world size) of each global step, and the
+    per-block values are all-gathered and accumulated in block order on every rank, with the stopping rules checked
+    after each block as in one process. Numbers are then identical for any world size (only timings differ).
     """
     p = protocol or Protocol()
     src = as_source(source)
@@ -716,16 +766,21 @@ def evaluate_perplexity(net, tokenizer, source, protocol: Protocol | None = None
         if src.info.get("preset") and size and size != OWT_TRAIN_DOCS:
             warnings.warn(f"this OpenWebText train split has {size} documents, not {OWT_TRAIN_DOCS}: its last "
                           f"{OWT_VALID_DOCS} documents are not MDLM's validation set")
+    from prime_eval import distributed as D
+
+    dist = D.active_info()
     stream = BlockStream(src, tokenizer, L=p.L, wrap=p.wrap, bos_id=bos, eos_id=eos, doc_batch=doc_batch)
     stats = PerplexityStats(bootstrap=p.bootstrap)
-    blocks_per_step = max(1, batch_size // _rows_per_block(est, K, p.L))
+    blocks_per_step = max(1, batch_size // _rows_per_block(est, K, p.L)) * dist.world_size  # global, all ranks
     forward_rows_total = scored_data_tokens = 0
     stopped = None
+    cache = _open_cache(cache_dir, net, est, p, K, deterministic, bos, eos, model, dist) if cache_dir else None
+    cache_hits = 0
     t0 = time.perf_counter()
 
-    bar = _Progress(progress, src.num_docs, p.max_tokens)
+    bar = _Progress(progress if dist.is_main else False, src.num_docs, p.max_tokens)
     blocks = iter(stream)
-    with bar:
+    with bar, (cache if cache is not None else contextlib.nullcontext()):
         while stopped is None:
             batch: list[Block] = []
             planned = stats.tokens
@@ -736,18 +791,15 @@ def evaluate_perplexity(net, tokenizer, source, protocol: Protocol | None = None
                     break
             if not batch:
                 break
-            rows = []
+            scored, hits = _score_blocks(net, est, [b for b in batch if b.index % dist.world_size == dist.rank],
+                                         p, K, deterministic, batch_size, cache)
+            if dist.enabled:  # every rank gets every block's values, to accumulate in block order
+                scored = {i: v for part in D.all_gather_object(scored) for i, v in part.items()}
+                hits = sum(D.all_gather_object(hits))
+            cache_hits += hits
             for b in batch:
-                g = block_generator(p.seed, _TAG_BLOCK, b.index)
-                target = torch.ones(b.ids.numel(), dtype=torch.bool)
-                if est.family == "arm":
-                    target[0] = False
-                u = (block_uniforms(p.seed, b.index, K, p.strata, g) if not deterministic else None)
-                rows.append(block_rows(est, b.ids, target, u, g))
-            logits = forward_rows(net, rows, batch_size)
-            for b, r, lg in zip(batch, rows, logits):
-                forward_rows_total += int(r.logits_at.any(1).sum())
-                values = est.cost(r, lg)
+                values, n_rows = scored[b.index]
+                forward_rows_total += n_rows
                 n = _scored(est, b)
                 boot = (torch.poisson(torch.ones(p.bootstrap, dtype=torch.float64),
                                       generator=block_generator(p.seed, _TAG_BOOT, b.index)).numpy()
@@ -777,6 +829,7 @@ def evaluate_perplexity(net, tokenizer, source, protocol: Protocol | None = None
         "truncated_docs": stream.truncated_docs if not p.wrap else None,
         "documents": stream.num_docs, "data_tokens_read": stream.data_tokens,
         "samples_per_block": K, "forward_rows": forward_rows_total,
+        "processes": dist.world_size, "cached_blocks": cache_hits if cache is not None else None,
         "stopped": stopped or "end_of_data", "seconds": seconds,
         "tokens_per_second": res["tokens"] / seconds if seconds > 0 else None,
     })
@@ -811,6 +864,57 @@ def evaluate_perplexity(net, tokenizer, source, protocol: Protocol | None = None
     return {"kind": "prime-eval/ppl", "version": 1, "model": m, "protocol": protocol,
             "is_bound": bool(est.is_bound) and kind != "exact_left_to_right", "bound_kind": kind,
             "results": res, "versions": package_versions()}
+
+
+def _score_blocks(net, est, blocks: list[Block], p: Protocol, K: int, deterministic: bool, batch_size: int,
+                  cache) -> tuple[dict[int, tuple[torch.Tensor, int]], int]:
+    """{block index: ((K,) float64 CPU values, forward rows)} for `blocks`, from the cache where stored; the rest
+    are computed in passes of rows of one length (`forward_rows_batch_invariant`, so a block's values never depend
+    on which blocks share its pass: resumed and data-parallel runs give the same bits) and stored in one
+    transaction. Returns (values, number of cache hits)."""
+    from prime_eval.distributed import forward_rows_batch_invariant
+
+    out: dict[int, tuple[torch.Tensor, int]] = {}
+    keys = [{"index": b.index, "ids": b.ids.tolist()} for b in blocks]
+    stored = cache.get_many("ppl_block", keys) if cache is not None else [None] * len(blocks)
+    todo = []
+    for b, key, hit in zip(blocks, keys, stored):
+        if hit is not None:
+            out[b.index] = (torch.tensor(hit["values"], dtype=torch.float64), int(hit["rows"]))
+        else:
+            todo.append((b, key))
+    rows = []
+    for b, _ in todo:
+        g = block_generator(p.seed, _TAG_BLOCK, b.index)
+        target = torch.ones(b.ids.numel(), dtype=torch.bool)
+        if est.family == "arm":
+            target[0] = False
+        u = (block_uniforms(p.seed, b.index, K, p.strata, g) if not deterministic else None)
+        rows.append(block_rows(est, b.ids, target, u, g))
+    logits = forward_rows_batch_invariant(net, rows, batch_size) if rows else []
+    new = []
+    for (b, key), r, lg in zip(todo, rows, logits):
+        values = est.cost(r, lg).detach().to("cpu", torch.float64)
+        n_rows = int(r.logits_at.any(1).sum())
+        out[b.index] = (values, n_rows)
+        new.append((key, {"values": values.tolist(), "rows": n_rows}))
+    if cache is not None and new:
+        cache.put_many("ppl_block", new)
+    return out, len(blocks) - len(todo)
+
+
+def _open_cache(cache_dir, net, est, p: Protocol, K: int, deterministic: bool, bos: int, eos: int,
+                model: dict | None, dist):
+    """The result cache of this run: its identity is everything a block's values depend on besides the block."""
+    from prime_eval.cache import ResultCache, estimator_identity, run_identity, state_dict_sha256
+
+    sha = (model or {}).get("checkpoint_sha256") or state_dict_sha256(net)
+    param = next(iter(net.parameters()), None)
+    ident = run_identity(checkpoint_sha256=sha, estimator=estimator_identity(est), num_samples=K, seed=p.seed,
+                         kind="ppl", strata=None if deterministic else p.strata, L=p.L, wrap=p.wrap, bos_id=bos,
+                         eos_id=eos, dtype=str(param.dtype) if param is not None else None,
+                         device_type=param.device.type if param is not None else "cpu")
+    return ResultCache(cache_dir, ident, rank=dist.rank)
 
 
 def _scored(est, block: Block) -> int:
@@ -859,19 +963,10 @@ class _Progress:
 # Output
 # ================================================================================================================
 def write_json(result: dict, path: str | os.PathLike) -> Path:
-    """Write atomically: a temporary file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write atomically (`prime_eval.io.write_json`: a temporary file in the same folder, fsync, os.replace)."""
+    from prime_eval.io import write_json as atomic_write_json
+
+    return atomic_write_json(path, result, default=_json_default)
 
 
 def _json_default(obj):

@@ -48,7 +48,7 @@ def test_cli_rejects_bad_source():
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("args", [["--fast"], ["--samples", "50"]])
+@pytest.mark.parametrize("args", [["--fast"]])
 def test_cli_default_table_runs(args):
     out = subprocess.run([sys.executable, "-m", "prime_eval.cli", "audit", *args], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -63,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     d.add_argument("--files", nargs="+", default=None, metavar="FILE", help="local .txt / .jsonl files")
     d.add_argument("--txt-docs", choices=["paragraph", "file"], default="paragraph",
                    help=".txt files: one document per blank-line-separated paragraph (default) or per file")
+    d.add_argument("--encoding", default="utf-8", help="text encoding of --files (default utf-8; e.g. latin-1)")
     pr = p.add_argument_group("protocol")
     pr.add_argument("--L", type=int, default=1024, help="block length in tokens incl. BOS and EOS (default 1024)")
     pr.add_argument("--no-wrap", action="store_true",
@@ -81,6 +82,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     pr.add_argument("--min-blocks", type=int, default=32, help="--target-se never stops before this many blocks")
     pr.add_argument("--bootstrap", type=int, default=1000, help="Poisson bootstrap replicates over blocks (0: off)")
     p.add_argument("--output", "-o", default=None, metavar="FILE.json", help="write the perplexity JSON here")
+    p.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=os.environ.get("PRIME_EVAL_CACHE_DIR"),
+                   metavar="DIR", help="resumable cache of per-block results (SQLite): rerunning the same command "
+                   "after a crash or pre-emption recomputes only what is missing (docs/scale-out.md; default: "
+                   "$PRIME_EVAL_CACHE_DIR, else off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -172,11 +177,11 @@ def build_source(args: argparse.Namespace):
     if args.files:
         if args.dataset:
             raise UserError("give --files or --dataset, not both")
-        return P.text_files(args.files, text_field=args.text_field, txt_docs=args.txt_docs)
+        return P.text_files(args.files, text_field=args.text_field, txt_docs=args.txt_docs, encoding=args.encoding)
     ds = args.dataset or "openwebtext"
     local = Path(ds)
     if local.is_file():
-        return P.text_files([local], text_field=args.text_field, txt_docs=args.txt_docs)
+        return P.text_files([local], text_field=args.text_field, txt_docs=args.txt_docs, encoding=args.encoding)
     if ds.lower() == "openwebtext" and not (args.split or args.dataset_name or args.data_files):
         return P.openwebtext(streaming=args.streaming, revision=args.revision)
     if ds.lower() == "openwebtext":
@@ -191,8 +196,11 @@ def main(args: argparse.Namespace) -> int:
 
     from prime_eval import perplexity as P
 
-    err = Console(stderr=True)
-    out = Console()
+    from prime_eval import distributed as D
+    from prime_eval.io import check_output_dir
+
+    err = Console(stderr=True, quiet=D.dist_info().rank != 0)  # rank 0 speaks for a data-parallel run
+    out = Console(quiet=D.dist_info().rank != 0)
     margs = parse_model_args(args.model_args)
     protocol = P.Protocol(L=args.L, wrap=not args.no_wrap, num_samples=args.samples, eps=args.eps, T=args.T,
                           seed=args.seed, strata=args.strata, max_tokens=args.max_tokens, target_se=args.target_se,
@@ -201,18 +209,28 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.output and Path(args.output).is_dir():
         raise UserError(f"--output {args.output} is a folder; give a file name such as {args.output}/ppl.json")
+    if args.output:  # before any long work: a full disk or read-only folder fails now, not after the run
+        check_output_dir(Path(args.output).parent, what="--output")
+    if args.cache_dir:
+        check_output_dir(args.cache_dir, what="--cache-dir")
     source = build_source(args)  # a bad path fails before the model is loaded
-    err.print(f"[bold]loading[/] {margs.get('checkpoint')} ...")
+    dist = D.init_distributed(margs.get("device"))
+    if dist.enabled:
+        margs["device"] = str(D.local_device(dist, margs.get("device")))
+    err.print(f"[bold]loading[/] {margs.get('checkpoint')} ..."
+              + (f" on {dist.world_size} processes" if dist.enabled else ""))
     net, tokenizer, est_opts, model = load_model(args.model, margs)
     estimator = margs.get("estimator")
     result = P.evaluate_perplexity(net, tokenizer, source, protocol, estimator=estimator, estimator_options=est_opts,
                                    batch_size=args.batch_size, model=model, progress=False if args.no_progress
-                                   else err)
+                                   else err, cache_dir=args.cache_dir)
+    if not dist.is_main:
+        return 0
     out.print(P.summary_table(result))
     if not result["is_bound"] and result["bound_kind"] == "not_a_bound":
         err.print("[bold yellow]warning:[/] this estimator is NOT an upper bound on the NLL (legacy_joint): the "
                   "perplexity can be below the model's true perplexity")
     if args.output:
-        path = P.write_json(result, args.output)
+        path = P.write_json(result, args.output)  # atomic: never a half-written JSON
         err.print(f"wrote {path}")
     return 0

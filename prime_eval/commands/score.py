@@ -8,6 +8,12 @@ runs `lm_eval.simple_evaluate`, and writes exactly what `lm_eval --output_path .
 `<output_path>/<model dir>/results_<date>.json` and `samples_<task>_<date>.jsonl` (lm-eval's EvaluationTracker).
 `--data-dir DIR` runs every task from `DIR/<task>/<split>.jsonl` (docs/tasks.md).
 
+Scale-out (docs/scale-out.md): under `torchrun --nproc_per_node N -m prime_eval.cli score ...` every rank scores
+its share of the documents (lm-eval's sharding), rank 0 gathers and writes; `--cache-dir DIR` makes the run
+resumable (our adapters' SQLite cache). Output files appear atomically: lm-eval writes them into a hidden staging
+folder, then each is moved into place (the results JSON last). The output folder is checked (writable, free space)
+before any task or model is loaded.
+
 Hooks an adapter may implement (all optional; lm-eval's own models have none of them):
 
 * `is_stochastic: bool` (class attribute or property). True means log-likelihoods are Monte Carlo estimates:
@@ -17,6 +23,9 @@ Hooks an adapter may implement (all optional; lm-eval's own models have none of 
   after lm-eval has written `output_dir/results_<date_id>.json` (and the samples files), so the adapter can write
   its per-request statistics next to them as `output_dir/stats_<task>_<date_id>.jsonl`. Returns the files written.
 * `get_model_info() -> dict` (lm-eval's own hook): merged into the results JSON's `config` after the run.
+* `gather_run_state() -> None`: collective, called on every rank after the evaluation (before `finalize_run` and
+  `get_model_info` on rank 0), so a data-parallel adapter can bring its per-rank state to rank 0.
+* `cache_dir` (a constructor argument): set from `--cache-dir` for the models in `CACHE_MODELS`.
 """
 from __future__ import annotations
 
@@ -24,12 +33,15 @@ import argparse
 import importlib
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from prime_eval.errors import UserError
 
 ADAPTERS = ("arm", "mdm", "prime")  # lm-eval names registered by model_adapters/<name>.py
+CACHE_MODELS = ADAPTERS  # models that take a `cache_dir` argument (prime_eval.cache)
 _STOCHASTIC_BY_DEFAULT = {"mdm", "prime"}
 _DEFAULT_SEEDS = (0, 1234, 1234, 1234)  # lm-eval's python, numpy, torch, fewshot seeds
 
@@ -85,8 +97,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "default 0,1234,1234,1234. The estimator's Monte Carlo seed is the model argument `seed`.")
     p.add_argument("--bootstrap_iters", type=int, default=100000,
                    help="bootstrap iterations for metric stderrs (0: none)")
+    p.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=os.environ.get("PRIME_EVAL_CACHE_DIR"),
+                   metavar="DIR", help="resumable cache of per-request results (arm/mdm/prime; SQLite, keyed by "
+                   "checkpoint hash, estimator settings, samples, seed and request): rerun the same command after a "
+                   "crash or pre-emption and only missing requests are computed (default: $PRIME_EVAL_CACHE_DIR, "
+                   "else off)")
     p.add_argument("--use_cache", "-c", default=None, metavar="PREFIX",
-                   help="lm-eval's response cache (SQLite); refused for stochastic (MC) models")
+                   help="lm-eval's response cache (SQLite); refused for stochastic (MC) models (use --cache-dir)")
     p.add_argument("--gen_kwargs", default=None, help="generation arguments for generate_until tasks, 'k=v,...'")
     p.add_argument("--predict_only", "-x", action="store_true", help="write samples only, no metrics")
     p.add_argument("--write_out", "-w", action="store_true", help="print the prompts of the first documents")
@@ -155,7 +172,7 @@ def _refuse_cache(model_name: str) -> UserError:
         f"--use_cache is refused for model {model_name!r}: its log-likelihoods are Monte Carlo estimates, and "
         "lm-eval's response cache keys only on the request text (not on the model, estimator, number of samples "
         "or seed), so a cached estimate would be silently reused by a later run with other settings. "
-        "Drop --use_cache; per-request seeds already make reruns reproducible.")
+        "Use --cache-dir DIR instead (keyed on all of these; resumable), or drop --use_cache.")
 
 
 def model_name(model: str, model_args: str) -> str:
@@ -179,15 +196,16 @@ def model_dir_name(model: str, model_args: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    import os
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rich.console import Console
     from rich.markup import escape
 
+    from prime_eval import distributed as D
     from prime_eval import tasks as T
+    from prime_eval.io import check_output_dir
 
-    err = Console(stderr=True)
+    quiet = D.dist_info().rank != 0  # in a data-parallel run rank 0 speaks for all
+    err = Console(stderr=True, quiet=quiet)
     names = T.split_task_list(args.tasks)
     model_args = ",".join(a.strip(",") for a in args.model_args if a.strip(","))
     if args.log_samples and not args.output_path:
@@ -195,6 +213,20 @@ def main(args: argparse.Namespace) -> int:
     if args.limit is not None and args.samples is not None:
         raise UserError("--limit and --samples cannot be combined")
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    if args.cache_dir:
+        if args.model not in CACHE_MODELS:
+            raise UserError(f"--cache-dir works with the models {', '.join(CACHE_MODELS)}; for {args.model!r} use "
+                            "lm-eval's --use_cache")
+        if "cache_dir=" in model_args:
+            raise UserError("give the cache folder once: --cache-dir or the model argument cache_dir")
+        model_args = ",".join(filter(None, [model_args, f"cache_dir={args.cache_dir}"]))
+
+    # 0. outputs: an unwritable or full disk fails now, not after hours of scoring
+    if args.output_path:
+        out_root = Path(args.output_path)
+        check_output_dir(out_root.parent if out_root.suffix == ".json" else out_root, what="--output_path")
+    if args.cache_dir:
+        check_output_dir(args.cache_dir, what="--cache-dir")
 
     # 1. tasks first: a typo or a missing data file fails before any model is loaded
     where = f"offline from {args.data_dir}" if args.data_dir else "from the Hugging Face hub"
@@ -218,7 +250,7 @@ def main(args: argparse.Namespace) -> int:
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
 
-    tracker = EvaluationTracker(output_path=args.output_path)
+    tracker = EvaluationTracker(output_path=args.output_path)  # redirected to a staging folder when saving
     err.print(f"[bold]scoring[/] {escape(args.model)} on {escape(', '.join(names))} ({escape(where)}"
               + (f", limit {limit}" if limit is not None else "") + ")")
     results = lm_eval.simple_evaluate(
@@ -230,8 +262,13 @@ def main(args: argparse.Namespace) -> int:
         verbosity=args.verbosity, random_seed=args.seed[0], numpy_random_seed=args.seed[1],
         torch_random_seed=args.seed[2], fewshot_random_seed=args.seed[3],
     )
+    gather = getattr(lm, "gather_run_state", None)
+    if callable(gather):
+        gather()  # collective: every rank, before rank 0 writes
     if results is None:  # not rank 0
         return 0
+    if hasattr(lm, "get_model_info"):  # again, now with the whole run's counters (gather_run_state)
+        results["config"].update(lm.get_model_info())
     # We passed an instance (to keep a handle for the hooks); record the name the user gave, as lm-eval would.
     results["config"]["model"] = args.model
     gct = tracker.general_config_tracker
@@ -242,23 +279,41 @@ def main(args: argparse.Namespace) -> int:
     written: list[Path] = []
     samples = results.pop("samples", None)  # present with --log_samples (and --predict_only)
     if args.output_path:
-        tracker.save_results_aggregated(results=results, samples=samples)
-        out_dir = _output_dir(Path(args.output_path), gct.model_name_sanitized)
-        results_file = _results_file(Path(args.output_path), out_dir, tracker.date_id)
-        if not results_file.is_file():
-            raise UserError(f"lm-eval could not write {results_file} (see the warning above); check --output_path")
-        written.append(results_file)
-        if samples is not None:
-            for task_name in results["configs"]:
-                tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
-                written.append(out_dir / f"samples_{task_name}_{tracker.date_id}.jsonl")
-        if isinstance(lm, RunFinalizer):
-            written += [Path(p) for p in (lm.finalize_run(out_dir, tracker.date_id) or [])]
+        written = _save(tracker, results, samples, lm, Path(args.output_path), gct.model_name_sanitized)
 
     Console().print(results_table(results))
     for path in written:
         err.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
     return 0
+
+
+def _save(tracker, results: dict, samples: dict | None, lm, output_path: Path, model_dir: str) -> list[Path]:
+    """lm-eval's files written into a staging folder, then moved into place atomically, the results JSON last; then
+    the adapter's `finalize_run` on the final folder (its files are written atomically by the adapter). Returns the
+    final paths."""
+    from prime_eval.io import publish_tree, staging_dir
+
+    root = output_path.parent if output_path.suffix == ".json" else output_path
+    staging = staging_dir(root)
+    try:
+        tracker.output_path = str(staging / output_path.name if output_path.suffix == ".json" else staging)
+        tracker.save_results_aggregated(results=results, samples=samples)
+        out_dir = _output_dir(Path(tracker.output_path), model_dir)
+        results_file = _results_file(Path(tracker.output_path), out_dir, tracker.date_id)
+        if not results_file.is_file():
+            raise UserError(f"lm-eval could not write {results_file} (see the warning above); check --output_path")
+        if samples is not None:
+            for task_name in results["configs"]:
+                tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+        moved = publish_tree(staging, root, last=lambda p: p == results_file)
+    finally:
+        tracker.output_path = str(output_path)
+        shutil.rmtree(staging, ignore_errors=True)
+    written = [moved[-1], *moved[:-1]]  # the results JSON first
+    if isinstance(lm, RunFinalizer):  # the hook sees the final folder, results JSON included
+        final_dir = _output_dir(output_path, model_dir)
+        written += [Path(p) for p in (lm.finalize_run(final_dir, tracker.date_id) or [])]
+    return written
 
 
 def _default_device() -> str | None:

@@ -33,12 +33,12 @@ class ARMEstimator:
         return Rows(inputs=x[None, :-1], logits_at=target[None, 1:], num_samples=1, data={"x": x, "target": target})
 
     def _logp(self, rows: Rows, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tgt = rows.data["x"][1:][rows.logits_at[0]]  # (N,)
-        return F.log_softmax(logits.double(), dim=-1), tgt
+        tgt = rows.data["x"][1:][rows.logits_at[0]].to(logits.device)  # (N,)
+        return F.log_softmax(logits, dim=-1), tgt
 
     def cost(self, rows: Rows, logits: torch.Tensor) -> torch.Tensor:
         logp, tgt = self._logp(rows, logits)
-        return -logp.gather(1, tgt[:, None]).sum().reshape(1)
+        return -logp.gather(1, tgt[:, None]).double().sum().reshape(1).cpu()
 
     def is_greedy(self, rows: Rows, logits: torch.Tensor) -> bool:
         _, tgt = self._logp(rows, logits)

@@ -130,8 +130,8 @@ class MDMEstimator:
         logits = self.combine_cfg(rows, logits)
         score, x, pos = rows.data["score"], rows.data["x"], rows.data["pos"]
         R = score.shape[0]
-        tgt = x.expand(R, -1)[score]  # (N,) row-major, matching the logits
-        nll = -F.log_softmax(logits.double(), dim=-1).gather(1, tgt[:, None]).squeeze(1)
+        tgt = x.expand(R, -1)[score].to(logits.device)  # (N,) row-major, matching the logits
+        nll = -F.log_softmax(logits, dim=-1).gather(1, tgt[:, None]).squeeze(1).double().cpu()
         full = torch.zeros(R, x.numel(), dtype=torch.float64)
         full[score] = nll
         return full[:, pos]

@@ -69,6 +69,14 @@ class PrimeEstimator:
             self.onehot = torch.zeros(V, ell * b, dtype=torch.float64)
             cols = subtokenizer.digit_table + torch.arange(ell) * b
             self.onehot.scatter_(1, cols, 1.0)
+        self._on_device: dict = {}
+
+    def _onehot(self, like: torch.Tensor) -> torch.Tensor:
+        """The one-hot digit table on the logits' device and dtype (cached)."""
+        key = (like.device, like.dtype)
+        if key not in self._on_device:
+            self._on_device[key] = self.onehot.to(device=like.device, dtype=like.dtype)
+        return self._on_device[key]
 
     @property
     def is_bound(self) -> bool:
@@ -141,22 +149,22 @@ class PrimeEstimator:
         return Rows(inputs=inputs, logits_at=score, num_samples=K, data=data)
 
     def log_probs(self, logits: torch.Tensor, visible_digits: torch.Tensor | None) -> torch.Tensor:
-        """log p̃(c | y_t), (N, V) float64; with carry-over restricted to tokens consistent with visible digits.
+        """log p̃(c | y_t), (N, V) in the logits' dtype and device; with carry-over restricted to tokens consistent with visible digits.
 
         visible_digits: (N, ℓ) digit or -1 where masked.
         """
-        logits = logits.double()
         if self.carry_over and visible_digits is not None:
-            d = self.st.digit_table  # (V, ℓ)
+            d = self.st.digit_table.to(logits.device)  # (V, ℓ)
+            visible_digits = visible_digits.to(logits.device)
             vis = visible_digits >= 0
             # consistent(c) = ∀ visible j: Digits[c, j] = y_j   (N, V) via one matmul over one-hot digits
             if self.st.ell > 1:
                 b = self.st.base
-                u = torch.zeros(visible_digits.shape[0], self.st.ell * b, dtype=torch.float64)
-                cols = (visible_digits.clamp_min(0) + torch.arange(self.st.ell) * b)
-                u.scatter_(1, cols, vis.double())
-                matches = u @ self.onehot.T  # (N, V) number of visible digits matched
-                consistent = matches >= vis.sum(1, keepdim=True).double() - 0.5
+                u = torch.zeros(visible_digits.shape[0], self.st.ell * b, dtype=logits.dtype, device=logits.device)
+                cols = visible_digits.clamp_min(0) + torch.arange(self.st.ell, device=logits.device) * b
+                u.scatter_(1, cols, vis.to(logits.dtype))
+                matches = u @ self._onehot(logits).T  # (N, V) number of visible digits matched
+                consistent = matches >= vis.sum(1, keepdim=True).to(logits.dtype) - 0.5
             else:
                 consistent = (d[None, :, 0] == visible_digits[:, :1]) | ~vis[:, :1]
             logits = logits.masked_fill(~consistent, float("-inf"))
@@ -181,14 +189,15 @@ class PrimeEstimator:
         logits, row_of, tok_of, sub_noisy, digits, visible = self._scored(rows, logits)
         K, ell = rows.data["noisy"].shape[0], self.st.ell
         logp = self.log_probs(logits, visible)
+        dev = logits.device
         if ell == 1:
-            nll = -logp.gather(1, rows.data["x"][tok_of][:, None])  # (N, 1)
+            nll = -logp.gather(1, rows.data["x"][tok_of][:, None].to(dev))  # (N, 1)
         else:
-            marg = logp.exp() @ self.onehot  # (N, ℓ·b): p(y^{i,j} = v | y_t) = Σ_{c: Digits[c,j]=v} p̃(c)
-            cols = digits + torch.arange(ell) * self.st.base
-            q = marg.gather(1, cols).clamp_min(torch.finfo(torch.float64).tiny)  # (N, ℓ) true-digit marginals
+            marg = logp.exp() @ self._onehot(logp)  # (N, ℓ·b): p(y^{i,j} = v | y_t) = Σ_{c: Digits[c,j]=v} p̃(c)
+            cols = (digits + torch.arange(ell) * self.st.base).to(dev)
+            q = marg.gather(1, cols).clamp_min(torch.finfo(marg.dtype).tiny)  # (N, ℓ) true-digit marginals
             nll = -q.log()
-        nll = nll * sub_noisy.double()  # only masked digits pay
+        nll = nll.double().cpu() * sub_noisy.double()  # only masked digits pay
         full = torch.zeros(K, rows.data["noisy"].shape[1] // ell, ell, dtype=torch.float64)
         full[row_of, tok_of] = nll
         return full.flatten(1)[:, rows.data["sub_pos"]]
@@ -199,12 +208,12 @@ class PrimeEstimator:
         if self.name != "legacy_joint":
             return d["weights"] * self.masked_nll(rows, logits).sum(1)
         logits, row_of, tok_of, sub_noisy, digits, visible = self._scored(rows, logits)
-        lg = logits.double()
+        lg = logits
         if self.temperature is not None:  # τ(t) = (1-temp)·t + temp
             t = d["t"][row_of]
-            lg = lg / ((1.0 - self.temperature) * t + self.temperature)[:, None]
+            lg = lg / ((1.0 - self.temperature) * t + self.temperature)[:, None].to(lg)
         logp = self.log_probs(lg, visible)  # carry-over: a fully visible token costs exactly 0
-        nll = -logp.gather(1, d["x"][tok_of][:, None]).squeeze(1)  # joint token CE, charged once per token
+        nll = -logp.gather(1, d["x"][tok_of][:, None].to(lg.device)).squeeze(1).double().cpu()  # joint token CE
         K = d["noisy"].shape[0]
         return d["weights"] * torch.zeros(K, dtype=torch.float64).index_add_(0, row_of, nll)
 

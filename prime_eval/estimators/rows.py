@@ -68,7 +68,8 @@ def forward_rows(net, rows_list: list[Rows], rows_per_pass: int = 64) -> list[to
 
     Rows that need no logits are skipped. Rows of different lengths are right-padded and masked with
     `attention_mask`, so each row's logits do not depend on which rows share its pass.
-    Returns, for each Rows, the logits at its `logits_at` positions, (N_r, V), row-major.
+    Returns, for each Rows, the logits at its `logits_at` positions, (N_r, V), row-major, on the network's device
+    (costs are computed there; only per-sample values come back to the CPU).
     """
     ell = getattr(net, "ell", 1) if getattr(net, "family", None) == "prime" else 1
     pad_id = getattr(net, "mask_id", None)
@@ -93,9 +94,9 @@ def forward_rows(net, rows_list: list[Rows], rows_per_pass: int = 64) -> list[to
                 att[k, :row.numel() // ell] = True
                 la[k, :rows_list[r].logits_at.shape[1]] = rows_list[r].logits_at[i]
             mask_arg = None if bool(att.all()) else att.to(device)
-            logits = net(idx.to(device), attention_mask=mask_arg, logits_at=la.to(device)).cpu()
-            if logits.dtype != torch.float64:
-                logits = logits.float()
+            logits = net(idx.to(device), attention_mask=mask_arg, logits_at=la.to(device))
+            if logits.dtype not in (torch.float32, torch.float64):
+                logits = logits.float()  # costs stay on the device, in fp32 (fp64 for exact audit networks)
             counts = la.sum(1).tolist()
             for (r, i), piece in zip(chunk, torch.split(logits, counts)):
                 out[r].append((i, piece))
@@ -103,7 +104,7 @@ def forward_rows(net, rows_list: list[Rows], rows_per_pass: int = 64) -> list[to
     for r, pieces in enumerate(out):
         pieces.sort(key=lambda p: p[0])
         V = getattr(net, "vocab_size", None)
-        result.append(torch.cat([p for _, p in pieces]) if pieces else torch.zeros(0, V or 1))
+        result.append(torch.cat([p for _, p in pieces]) if pieces else torch.zeros(0, V or 1, device=device))
     return result
 
 

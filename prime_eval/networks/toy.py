@@ -1,6 +1,6 @@
 """Tiny networks for audits and tests: small enough to enumerate every mask, order and sequence.
 
-- `TinyDenoiser`: a 1-layer transformer (bidirectional for MDM/Prime, causal for ARM), random from a seed.
+- `TinyDenoiser`: a 1-layer transformer (bidirectional for MDM/Prime, causal for ARM), random from a seed, float64.
   Prime inputs use the lit_gpt layout: a (b+1)·ℓ-row sub-token table, row digit + j·(b+1), summed per token.
 - `OracleDenoiser`: tokens i.i.d. from a known categorical π_V; returns the *exact* conditional
   p(c | y_t) ∝ π_V(c)·1[c consistent with the token's visible digits], so the model's distribution is the data's.
@@ -17,7 +17,8 @@ from prime_eval.subtokenizer import SubTokenizer
 
 class TinyDenoiser(nn.Module):
     def __init__(self, family: str, vocab_size: int, *, ell: int = 1, base: int | None = None, d: int = 32,
-                 n_head: int = 2, max_length: int = 64, seed: int = 0, scale: float = 1.0):
+                 n_head: int = 2, max_length: int = 64, seed: int = 0, scale: float = 1.0,
+                 dtype: torch.dtype = torch.float64):
         super().__init__()
         self.family, self.vocab_size, self.ell, self.max_length = family, vocab_size, ell, max_length
         self.base = base if family == "prime" else None
@@ -38,6 +39,7 @@ class TinyDenoiser(nn.Module):
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * scale / max(1, p.shape[-1]) ** 0.5)
+        self.to(dtype)  # float64 by default: audits compare against exact sums to ~1e-9
 
     def forward(self, idx, *, attention_mask=None, logits_at=None):
         if self.family == "prime":

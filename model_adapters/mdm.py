@@ -1,0 +1,31 @@
+"""lm-eval model `mdm`: masked diffusion models with ℓ = 1 (SMDM lit_gpt TransEncoder, MDLM DiT).
+
+    lm_eval --model mdm --model_args checkpoint=mdm.safetensors,tokenizer=...,estimator=mc,samples=128
+
+Estimators (`estimator=`): `mc` (default; stratified t, independent masking, weight 1/t), `exact_count` (LLaDA),
+`chain_rule` (deterministic left-to-right; not the ELBO), `iw` (importance-weighted any-order bound, `orders=K`,
+`proposal=uniform|pl`, `tau`). Options: `eps`, `T`, `cfg` (cfg > 0 is not a likelihood: flagged `is_bound: false`). `is_greedy`: greedy confidence-ordered unmasking (`prime_eval.estimators.greedy`).
+"""
+from __future__ import annotations
+
+from lm_eval.api.registry import register_model
+
+from model_adapters.base import PrimeEvalLM
+from prime_eval.estimators import get_estimator
+from prime_eval.estimators.greedy import greedy_unmask
+
+
+@register_model("mdm")
+class MDMLM(PrimeEvalLM):
+    family = "mdm"
+    OPTIONS = ("eps", "T", "cfg", "orders", "proposal", "tau")
+
+    def _make_estimator(self, name, options: dict):
+        opts = self._iw_options(name, options)
+        return get_estimator("mdm", name or "mc", mask_id=self.net.mask_id, **opts)
+
+    def _greedy(self, items: list[dict]) -> None:
+        ok, rows = greedy_unmask(self.net, [(it["x"], it["target"]) for it in items], mask_id=self.net.mask_id,
+                                 rows_per_pass=self.rows_per_pass)
+        for it, g, r in zip(items, ok, rows):
+            it["is_greedy"], it["greedy_rows"] = g, r

@@ -1,0 +1,228 @@
+"""lm-eval adapters `arm`, `mdm`, `prime`: parity with lm-eval's own `hf` model on real task data, every family end
+to end through `lm_eval.simple_evaluate`, determinism (rows per pass, request order), truncation, errors, model info.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+from model_adapters import ARMLM, MDMLM, PrimeLM
+from model_adapters.base import request_seed
+from prime_eval.errors import UserError
+from prime_eval.networks.toy import TinyDenoiser
+
+PARITY_TASKS = ["piqa", "arc_easy", "hellaswag", "winogrande"]
+SCHEMA = {"task", "doc_id", "choice", "request_index", "loglikelihood", "mc_stderr", "num_samples",
+          "num_forward_rows", "is_greedy", "truncated_tokens", "continuation_tokens", "estimator", "is_bound", "seed"}
+
+
+@pytest.fixture(scope="module")
+def gpt2_tok(shared_data):
+    from prime_eval.checkpoints import load_tokenizer
+
+    return load_tokenizer(shared_data / "tokenizers" / "gpt2")
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(gpt2_tok, tmp_path_factory):
+    """A 2-layer random GPT-2 (save_pretrained) with the real GPT-2 tokenizer; larger init -> peaked distributions."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path_factory.mktemp("tiny_gpt2")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=512, initializer_range=0.2)).save_pretrained(d)
+    gpt2_tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def task_manager(shared_data, tmp_path_factory):
+    from prime_eval.tasks import build_task_manager
+
+    return build_task_manager(shared_data, PARITY_TASKS + ["lambada_openai"],
+                              cache_dir=tmp_path_factory.mktemp("offline_tasks"))
+
+
+def _evaluate(model, tasks, task_manager, limit, model_args=""):
+    import lm_eval
+
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, task_manager=task_manager,
+                                   limit=limit, log_samples=True, bootstrap_iters=0, batch_size=8, device="cpu")
+
+
+def _resps(results, task):
+    return {(s["doc_id"], j): r[0] for s in results["samples"][task] for j, r in enumerate(s["resps"])}
+
+
+def test_arm_parity_with_lm_eval_hf(tiny_gpt2_dir, task_manager):
+    """Same per-request log-likelihoods (1e-4), is_greedy and acc as lm-eval's `hf` on real piqa/arc/hellaswag/wino."""
+    ref = _evaluate("hf", PARITY_TASKS, task_manager, 10, f"pretrained={tiny_gpt2_dir},dtype=float32")
+    lm = ARMLM(checkpoint=str(tiny_gpt2_dir), device="cpu", rows_per_pass=16)
+    ours = _evaluate(lm, PARITY_TASKS, task_manager, 10)
+    for task in PARITY_TASKS:
+        a, b = _resps(ref, task), _resps(ours, task)
+        assert a.keys() == b.keys() and len(a) >= 20
+        for key in a:
+            assert b[key][0] == pytest.approx(a[key][0], abs=1e-4), (task, key)
+            assert bool(b[key][1]) == bool(a[key][1]), (task, key)
+        assert ours["results"][task]["acc,none"] == ref["results"][task]["acc,none"]
+    info = ours["config"]["prime_eval"]
+    assert info["family"] == "arm" and info["is_bound"] and len(info["checkpoint_sha256"]) == 64
+
+
+def test_arm_rolling_and_generation_match_hf(tiny_gpt2_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    hf = HFLM(pretrained=str(tiny_gpt2_dir), max_length=16, batch_size=4, device="cpu", dtype="float32")
+    ours = ARMLM(checkpoint=str(tiny_gpt2_dir), max_length=16, device="cpu")
+    text = "The quick brown fox jumps over the lazy dog. " * 5
+    reqs = [Instance("loglikelihood_rolling", {}, (t,), 0, ("wikitext", i, 1)) for i, t in enumerate([text, "Hi."])]
+    assert ours.loglikelihood_rolling(reqs) == pytest.approx(hf.loglikelihood_rolling(reqs), abs=1e-4)
+    assert ours.stats[0]["continuation_tokens"] == len(ours.tok_encode(text))
+    gen = [Instance("generate_until", {}, (c, {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}), 0,
+                    ("t", i, 1)) for i, c in enumerate(["Question: why?\nAnswer:", "Once upon a time"])]
+    assert ours.generate_until(gen) == hf.generate_until(gen)
+
+
+@pytest.fixture(scope="module")
+def lit_checkpoints(tmp_path_factory):
+    """Tiny lit_gpt TransEncoder checkpoints (MDM ℓ=1; Prime ℓ=4, b=15) over the GPT-2 vocabulary."""
+    from prime_eval.networks.lit_gpt import Config, TransEncoder
+    from prime_eval.subtokenizer import save_permutation
+
+    d = tmp_path_factory.mktemp("lit")
+    cfg = Config(n_layer=1, n_embd=32, n_head=2, intermediate_size=64, vocab_size=50257, block_size=128)
+    torch.manual_seed(0)
+    for fam, ell, base in (("mdm", 1, None), ("prime", 4, 15)):
+        torch.save({"model": TransEncoder(cfg, ell=ell, base=base).state_dict()}, d / f"{fam}.pth")
+    g = torch.Generator().manual_seed(0)
+    save_permutation(torch.cat([torch.randperm(50257, generator=g), torch.arange(50257, 15**4)]), d / "perm.pt")
+    return d
+
+
+@pytest.mark.parametrize("family", ["mdm", "prime"])
+def test_diffusion_end_to_end(family, lit_checkpoints, shared_data, task_manager, tmp_path):
+    """Registry path (`model_args` string, as the CLI), piqa + lambada (is_greedy), stats file next to the samples."""
+    import lm_eval
+
+    args = (f"checkpoint={lit_checkpoints / f'{family}.pth'},config=n_head=2;block_size=128;vocab_size=50257,"
+            f"tokenizer={shared_data / 'tokenizers' / 'gpt2'},samples=4,seed=7,rows_per_pass=32")
+    if family == "prime":
+        with pytest.raises(UserError, match="permutation=FILE"):
+            PrimeLM.create_from_arg_string(args, {"device": "cpu"})
+        args += f",permutation={lit_checkpoints / 'perm.pt'}"
+    lm = {"mdm": MDMLM, "prime": PrimeLM}[family].create_from_arg_string(args, {"device": "cpu", "batch_size": 8})
+    res = lm_eval.simple_evaluate(model=lm, tasks=["piqa", "lambada_openai"], task_manager=task_manager, limit=3,
+                                  log_samples=True, bootstrap_iters=0)
+    assert 0 <= res["results"]["piqa"]["acc,none"] <= 1 and "perplexity,none" in res["results"]["lambada_openai"]
+    info = res["config"]["prime_eval"]
+    assert info["family"] == family and info["estimator"] == "mc" and info["num_samples"] == 4 and info["is_bound"]
+    paths = lm.finalize_run(tmp_path, "2026-01-01T00-00-00")
+    rows = {p.name: [json.loads(x) for x in p.read_text().splitlines()] for p in paths}
+    piqa = rows["stats_piqa_2026-01-01T00-00-00.jsonl"]
+    assert len(piqa) == 6 and SCHEMA <= piqa[0].keys()
+    assert all(r["num_samples"] == 4 and r["mc_stderr"] > 0 and r["num_forward_rows"] <= 4 for r in piqa)
+    assert {(r["doc_id"], r["choice"]) for r in piqa} == {(d, c) for d in range(3) for c in range(2)}
+    lamb = rows["stats_lambada_openai_2026-01-01T00-00-00.jsonl"]
+    assert all(r["greedy_forward_rows"] >= 1 for r in lamb)
+    by_doc = {s["doc_id"]: s for s in res["samples"]["piqa"]}
+    assert all(r["loglikelihood"] == by_doc[r["doc_id"]]["resps"][r["choice"]][0][0] for r in piqa)
+
+
+def _requests(n=9):
+    rng = random.Random(0)
+    words = "the a cat dog sat ran on under mat table quickly slowly red blue".split()
+    out = []
+    for i in range(n):
+        ctx = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+        cont = " " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 6)))
+        out.append(Instance("loglikelihood", {}, (ctx, cont), i % 3, ("toy", i // 3, 1)))
+    return out
+
+
+@pytest.mark.parametrize("family,estimator", [("mdm", "mc"), ("mdm", "chain_rule"), ("prime", "mc"),
+                                              ("prime", "legacy_joint")])
+def test_determinism_rows_per_pass_and_order(family, estimator, gpt2_tok):
+    net = TinyDenoiser(family, len(gpt2_tok), ell=4 if family == "prime" else 1, base=15, seed=1)
+    cls = {"mdm": MDMLM, "prime": PrimeLM}[family]
+    reqs = _requests()
+    lm1 = cls(model=net, tokenizer=gpt2_tok, estimator=estimator, samples=8, rows_per_pass=1)
+    a, a_stats = lm1.loglikelihood(reqs), lm1.stats
+    lm = cls(model=net, tokenizer=gpt2_tok, estimator=estimator, samples=8, rows_per_pass=64, max_logits_mb=1)
+    perm = list(range(len(reqs)))
+    random.Random(1).shuffle(perm)
+    b = lm.loglikelihood([reqs[i] for i in perm])
+    # same draws; only fp32 rounding of differently composed batches differs (~1e-8 relative)
+    for j, i in enumerate(perm):
+        assert b[j][0] == pytest.approx(a[i][0], rel=1e-6) and b[j][1] == a[i][1]
+    key = ("seed", "num_forward_rows", "greedy_forward_rows", "num_samples")
+    first = {(s["doc_id"], s["choice"]): [s[k] for k in key] for s in a_stats}
+    assert first == {(s["doc_id"], s["choice"]): [s[k] for k in key] for s in lm.stats}
+    # a different run seed gives different Monte Carlo draws (chain_rule is deterministic)
+    c = cls(model=net, tokenizer=gpt2_tok, estimator=estimator, samples=8, seed=99).loglikelihood(reqs[:2])
+    assert (c[0][0] == pytest.approx(a[0][0])) == (estimator == "chain_rule")
+
+
+def test_request_seed_is_stable():
+    assert request_seed(1234, "ctx", " cont") == request_seed(1234, "ctx", " cont")
+    assert request_seed(1234, "ctx", " cont") == 5248321076716263121  # sha256, not Python's salted hash
+    assert len({request_seed(s, c, " x") for s in (0, 1) for c in ("a", "b")}) == 4
+
+
+def test_truncation_is_counted(gpt2_tok, caplog):
+    net = TinyDenoiser("mdm", len(gpt2_tok), seed=2)
+    lm = MDMLM(model=net, tokenizer=gpt2_tok, max_length=8, samples=4)
+    long_ctx = "one two three four five six seven eight nine ten"
+    with caplog.at_level(logging.WARNING, logger="prime_eval.adapters"):
+        (ll, _), = lm.loglikelihood([Instance("loglikelihood", {}, (long_ctx, " end"), 0, ("t", 0, 1))])
+    n_ctx = len(lm.tok_encode(long_ctx))
+    assert lm.stats[-1]["truncated_tokens"] == n_ctx + 1 - 8 and "left-truncated" in caplog.text
+    assert lm.get_model_info()["prime_eval"]["truncated_requests"] == 1
+    # same number as scoring the kept window directly
+    kept = lm.tok_encode(long_ctx)[-7:]
+    [(ll2, _)] = lm._loglikelihood_tokens([((long_ctx, " end"), kept, lm.tok_encode(" end"))])
+    assert ll2 == pytest.approx(ll, abs=1e-9)
+    arm = ARMLM(model=TinyDenoiser("arm", len(gpt2_tok)), tokenizer=gpt2_tok, max_length=4)
+    arm.loglikelihood([Instance("loglikelihood", {}, (long_ctx, " end"), 0, ("t", 0, 1))])
+    assert arm.stats[-1]["truncated_tokens"] == n_ctx + 1 - 5  # ARM keeps max_length + 1 tokens
+
+
+def test_errors(gpt2_tok):
+    net = TinyDenoiser("mdm", len(gpt2_tok))
+    lm = MDMLM(model=net, tokenizer=gpt2_tok, samples=2)
+    with pytest.raises(UserError, match="empty continuation"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("Some context", ""), 0, ("t", 3, 0))])
+    with pytest.raises(UserError, match="not supported yet"):
+        lm.generate_until([Instance("generate_until", {}, ("a", {"until": ["\n"]}), 0, ("t", 0, 1))])
+    with pytest.raises(UserError, match="unknown model argument"):
+        MDMLM(model=net, tokenizer=gpt2_tok, temperature=0.5)
+    with pytest.raises(UserError, match="only with\\s+estimator=legacy_joint"):
+        PrimeLM(model=TinyDenoiser("prime", len(gpt2_tok), ell=4, base=15), tokenizer=gpt2_tok, cfg=0.5)
+    with pytest.raises(UserError, match="family"):
+        ARMLM(model=net, tokenizer=gpt2_tok)
+
+
+def test_non_likelihood_settings_flagged(gpt2_tok):
+    pnet = TinyDenoiser("prime", len(gpt2_tok), ell=4, base=15)
+    legacy = PrimeLM(model=pnet, tokenizer=gpt2_tok, estimator="legacy_joint", cfg=0.5, temperature=0.5,
+                     chunk="0.0_0.5/1_4").get_model_info()["prime_eval"]
+    assert legacy["is_bound"] is False and legacy["cfg"] == 0.5 and legacy["temperature"] == 0.5
+    cfg = MDMLM(model=TinyDenoiser("mdm", len(gpt2_tok)), tokenizer=gpt2_tok, cfg=1.0).get_model_info()["prime_eval"]
+    assert cfg["is_bound"] is False and cfg["cfg"] == 1.0
+    valid = PrimeLM(model=pnet, tokenizer=gpt2_tok).get_model_info()["prime_eval"]
+    assert valid["is_bound"] is True and valid["estimator"] == "mc" and valid["num_samples"] == 128
+
+
+def test_bos_policy(gpt2_tok):
+    net = TinyDenoiser("mdm", len(gpt2_tok))
+    auto = MDMLM(model=net, tokenizer=gpt2_tok)
+    assert auto.add_bos is False and auto.tok_encode("Hello world") == [15496, 995]  # GPT-2 adds no BOS (as `hf`)
+    forced = MDMLM(model=net, tokenizer=gpt2_tok, add_bos="true")
+    assert forced.tok_encode("Hello world") == [50256, 15496, 995]
+    ctx, cont = forced._encode_pair("Hello ", "world")
+    assert ctx == [50256, 15496] and cont == [995]  # trailing space moved to the continuation
