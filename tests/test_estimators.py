@@ -193,3 +193,30 @@ def test_options_and_bad_input():
     net = TinyDenoiser("prime", 6, ell=2, base=3, seed=0)
     r = estimate(net, legacy, torch.tensor([1, 2, 3]), torch.tensor([0, 1, 1], dtype=torch.bool), _gen(), 8)
     assert r.values.shape == (8,) and torch.isfinite(r.values).all()
+
+
+@pytest.mark.parametrize("family", ["mdm", "prime"])
+def test_levels_estimator_unbiased_for_the_nelbo(family):
+    x, target = torch.tensor([1, 3, 0, 2, 4]), torch.tensor([0, 0, 1, 1, 1], dtype=torch.bool)
+    if family == "mdm":
+        net, opts = TinyDenoiser("mdm", 5, seed=1), {"mask_id": 5}
+    else:
+        st = SubTokenizer(6, ell=2, perm=make_permutation(9, 6, seed=2, style="megatron"))
+        net, opts = TinyDenoiser("prime", 6, ell=2, base=3, seed=4), {"subtokenizer": st}
+    mc, lv = get_estimator(family, "mc", **opts), get_estimator(family, "levels", **opts)
+    table = audit.masked_nll_table(net, mc, x, target)
+    exact = audit.exact_expectation(net, mc, x, target, table=table)
+    assert audit.exact_expectation(net, lv, x, target, table=table) == pytest.approx(exact, abs=1e-12)
+    r = estimate(net, lv, x, target, _gen(4), 400, rows_per_pass=4096)
+    assert r.values.shape == (400,) and abs(r.mean - exact) < 4 * r.stderr
+    n = int(target.sum()) * (2 if family == "prime" else 1)
+    assert r.num_forward_rows == 400 * n
+
+
+def test_common_random_numbers_across_choices():
+    """Same generator seed, different continuation lengths: t_k and the draws of shared positions coincide."""
+    est = get_estimator("mdm", "mc", mask_id=9)
+    a = est.rows(torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 1, 1], dtype=torch.bool), _gen(5), 16)
+    b = est.rows(torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([0, 1, 1, 1, 1, 1], dtype=torch.bool), _gen(5), 16)
+    torch.testing.assert_close(a.data["weights"], b.data["weights"])
+    assert torch.equal(a.logits_at[:, 1:4], b.logits_at[:, 1:4])

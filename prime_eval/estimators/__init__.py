@@ -20,8 +20,8 @@ from prime_eval.estimators.rows import Estimate, Rows, forward_rows, mean_and_st
 
 ESTIMATORS = {
     "arm": ("exact",),
-    "mdm": ("mc", "exact_count", "chain_rule", "iw"),
-    "prime": ("mc", "exact_count", "legacy_joint", "iw"),
+    "mdm": ("mc", "exact_count", "levels", "chain_rule", "iw"),
+    "prime": ("mc", "exact_count", "levels", "legacy_joint", "iw"),
 }
 DEFAULT_ESTIMATOR = {"arm": "exact", "mdm": "mc", "prime": "mc"}
 

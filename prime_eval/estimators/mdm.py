@@ -10,6 +10,8 @@ Estimators (each returns K per-sample values whose mean is the estimate):
                 masked with prob t_k, value = (1/t_k) Σ_masked -log p  (SMDM / MDLM).
 - `exact_count` l_k = 1 + floor(n·(u + k/K) mod 1) masked tokens chosen uniformly, value = (n/l) Σ_masked -log p
                 (LLaDA). Same expectation: Σ_l (1/n)(n/l) E_{|S|=l}[·] = Σ_S (|S|-1)!(n-|S|)!/n! · cost(S).
+- `levels`      K random orders; for each, the nested sets of its first l = n..1 positions, value
+                Σ_l (1/l) Σ_{i∈S_l} -log p (every exact-count level once: stratified over l). n rows per sample.
 - `chain_rule`  left-to-right: Σ_k -log p(x_k | x_C, x_{<k}, rest masked). Deterministic, n rows. It is the exact
                 NLL of the left-to-right decoding process built from the MDM's conditionals, not the ELBO.
 Optional classifier-free guidance (`cfg` > 0: logits = un + (cfg+1)(cond - un), context masked in `un`) turns any of
@@ -38,18 +40,40 @@ def sample_times(generator: torch.Generator, k: int, *, eps: float = 0.0, T: int
     return eps + (1.0 - eps) * u
 
 
+def position_uniforms(generator: torch.Generator, k: int, n: int) -> torch.Tensor:
+    """(K, n) float64 uniforms drawn position-major: position i's K draws do not depend on n, so the choices of one
+    document, scored with the same generator seed, share t_k and the draws of their common positions (common random
+    numbers: the variance of the *difference* between choices shrinks)."""
+    return torch.rand(n, k, generator=generator, dtype=torch.float64).T
+
+
 def mask_independent(generator: torch.Generator, t: torch.Tensor, n: int) -> torch.Tensor:
     """(K, n) bool: each of n positions masked independently with prob t_k."""
-    return torch.rand(t.numel(), n, generator=generator, dtype=torch.float64) < t[:, None]
+    return position_uniforms(generator, t.numel(), n) < t[:, None]
+
+
+def random_ranks(generator: torch.Generator, k: int, n: int) -> torch.Tensor:
+    """(K, n) long: a uniformly random reveal rank of each position (rank < l: the l first in a random order)."""
+    return position_uniforms(generator, k, n).argsort(dim=1).argsort(dim=1)
 
 
 def mask_exact_count(generator: torch.Generator, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(K, n) bool masks with l_k = 1 + floor(n·u_k) masked positions (u_k stratified), and l_k (K,)."""
     u = stratified_uniform(generator, k)
     counts = (torch.floor(u * n).long() + 1).clamp(1, n)
-    order = torch.rand(k, n, generator=generator).argsort(dim=1)
-    ranks = order.argsort(dim=1)  # uniform random rank of each position
-    return ranks < counts[:, None], counts
+    return random_ranks(generator, k, n) < counts[:, None], counts
+
+
+def mask_levels(generator: torch.Generator, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K·n, n) nested masks: for each of K random orders, the sets of its first l = n..1 positions; weights 1/l.
+
+    Σ_l (1/l) Σ_{i∈S_l} -log p(x_i | x_{-S_l}) has expectation Σ_l (1/l) E_{|S|=l}[...] = the NELBO (each level l is
+    the exact-count estimator at l, every level taken once: stratification over l, with nested sets as common
+    random numbers between levels). n rows per sample."""
+    ranks = random_ranks(generator, k, n)  # (K, n)
+    levels = torch.arange(n, 0, -1)  # l = n, n-1, ..., 1
+    masks = ranks[:, None, :] < levels[None, :, None]  # (K, n_levels, n)
+    return masks.reshape(k * n, n), (1.0 / levels.double()).repeat(k)
 
 
 class MDMEstimator:
@@ -58,8 +82,8 @@ class MDMEstimator:
     family = "mdm"
 
     def __init__(self, name: str, *, mask_id: int, eps: float = 0.0, T: int | None = None, cfg: float = 0.0):
-        if name not in ("mc", "exact_count", "chain_rule"):
-            raise UserError(f"unknown MDM estimator {name!r}; choose mc, exact_count or chain_rule")
+        if name not in ("mc", "exact_count", "levels", "chain_rule"):
+            raise UserError(f"unknown MDM estimator {name!r}; choose mc, exact_count, levels or chain_rule")
         if not 0.0 <= eps < 1.0:
             raise UserError(f"eps must lie in [0, 1), got {eps}")
         self.name, self.mask_id, self.eps, self.T, self.cfg = name, mask_id, eps, T, float(cfg)
@@ -86,6 +110,8 @@ class MDMEstimator:
         if self.name == "exact_count":
             m, counts = mask_exact_count(generator, k, n)
             return m, n / counts.double()
+        if self.name == "levels":
+            return mask_levels(generator, k, n)
         # chain_rule: row k masks target positions >= k and scores position k
         ar = torch.arange(n)
         return ar[None, :] >= ar[:, None], torch.ones(n, dtype=torch.float64)
@@ -116,8 +142,9 @@ class MDMEstimator:
             uncond = inputs.clone()
             uncond[:, ~target] = self.mask_id  # context masked for the unconditional pass
             inputs, score = torch.cat([inputs, uncond]), torch.cat([score, score])
-        k_out = 1 if self.name == "chain_rule" else R
-        return Rows(inputs=inputs, logits_at=score, num_samples=k_out, data=data)
+        per_sample = {"chain_rule": R, "levels": n}.get(self.name, 1)  # rows summed into one sample value
+        data["rows_per_sample"] = per_sample
+        return Rows(inputs=inputs, logits_at=score, num_samples=R // per_sample, data=data)
 
     def combine_cfg(self, rows: Rows, logits: torch.Tensor) -> torch.Tensor:
         if not self.cfg:
@@ -139,7 +166,7 @@ class MDMEstimator:
     def cost(self, rows: Rows, logits: torch.Tensor) -> torch.Tensor:
         """(K,) float64 per-sample values: weight_k · Σ_{scored i} -log p(x^i | x_t)."""
         values = rows.data["weights"] * self.masked_nll(rows, logits).sum(1)
-        return values.sum(0, keepdim=True) if self.name == "chain_rule" else values
+        return values.view(-1, rows.data["rows_per_sample"]).sum(1)
 
 
 def mask_set_weight(k: int, n: int, T: int | None = None) -> float:

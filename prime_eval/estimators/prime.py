@@ -10,6 +10,7 @@ p̃ is the plain softmax, or with `carry_over` the softmax restricted to tokens 
 digits (MDM-Prime v1). Both are valid bounds. Estimators:
 - `mc`           (default) sub-tokens of the target masked independently at stratified rate t, weight 1/t.
 - `exact_count`  l ~ stratified over 1..nℓ masked sub-tokens, weight nℓ/l (same expectation).
+- `levels`       K random orders of the nℓ sub-tokens, every level l = nℓ..1 once, Σ_l (1/l) Σ_{masked} -log marginal.
 - `legacy_joint` the *published* form: (1/(t+1e-6)) Σ_{target tokens} -log p̃_θ(x^i | y_t), the joint token CE
                  charged once per token (v2 lit_gpt: every target token; `legacy_scope="masked"`: only tokens with a
                  masked sub-token, as V1 with carry-over). Optional CFG, temperature τ(t) = (1-temp)t + temp and
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from prime_eval.errors import UserError
-from prime_eval.estimators.mdm import mask_exact_count, mask_independent, sample_times
+from prime_eval.estimators.mdm import mask_exact_count, mask_independent, mask_levels, position_uniforms, sample_times
 from prime_eval.estimators.rows import Rows, stratified_uniform
 from prime_eval.subtokenizer import SubTokenizer
 
@@ -50,8 +51,9 @@ class PrimeEstimator:
     def __init__(self, name: str, *, subtokenizer: SubTokenizer, carry_over: bool = False, eps: float = 0.0,
                  T: int | None = None, cfg: float = 0.0, temperature: float | None = None,
                  chunk: str | None = None, legacy_scope: str = "all"):
-        if name not in ("mc", "exact_count", "legacy_joint"):
-            raise UserError(f"unknown Prime estimator {name!r}; choose mc (valid bound), exact_count or legacy_joint")
+        if name not in ("mc", "exact_count", "levels", "legacy_joint"):
+            raise UserError(f"unknown Prime estimator {name!r}; choose mc (valid bound), exact_count, levels or "
+                            "legacy_joint")
         if name != "legacy_joint" and (cfg or temperature is not None or chunk):
             raise UserError("cfg, temperature and chunk are not likelihoods; they are accepted only with "
                             "estimator=legacy_joint (to reproduce published numbers)")
@@ -98,6 +100,8 @@ class PrimeEstimator:
         if self.name == "exact_count":
             m, counts = mask_exact_count(generator, k, n_sub)
             return m, n_sub / counts.double()
+        if self.name == "levels":
+            return mask_levels(generator, k, n_sub)
         t = sample_times(generator, k, eps=self.eps, T=self.T)
         if self.name == "legacy_joint":
             return self._legacy_masks(t, n_sub, generator), 1.0 / (t + 1e-6)
@@ -105,7 +109,7 @@ class PrimeEstimator:
 
     def _legacy_masks(self, t: torch.Tensor, n_sub: int, generator: torch.Generator) -> torch.Tensor:
         """Chunked masking: for t >= point, groups of `size` consecutive target sub-tokens share one draw."""
-        u = torch.rand(t.numel(), n_sub, generator=generator, dtype=torch.float64)
+        u = position_uniforms(generator, t.numel(), n_sub)
         if self.chunks == [(0.0, 1)]:
             return u < t[:, None]
         out = torch.empty_like(u, dtype=torch.bool)
@@ -121,7 +125,8 @@ class PrimeEstimator:
         if not bool(target.any()):
             raise UserError("empty continuation: there is nothing to score")
         masks, weights = self.masks(int(target.sum()) * self.st.ell, generator, num_samples)
-        t = 1.0 / weights - (1e-6 if self.name == "legacy_joint" else 0.0) if self.name != "exact_count" else None
+        t = 1.0 / weights - (1e-6 if self.name == "legacy_joint" else 0.0) if self.name in ("mc", "legacy_joint") \
+            else None
         return self.rows_from_masks(x, target, masks, weights, t=t)
 
     def rows_from_masks(self, x: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, weights: torch.Tensor,
@@ -140,13 +145,15 @@ class PrimeEstimator:
             score = target.expand(K, -1).clone()  # every target token, masked or not (evaluate_prime.py)
         else:
             score = tok_noisy
-        data = {"x": x, "y": y, "noisy": noisy, "weights": weights, "score": score, "t": t, "sub_pos": sub_pos}
+        rps = sub_pos.numel() if self.name == "levels" else 1  # rows summed into one sample value
+        data = {"x": x, "y": y, "noisy": noisy, "weights": weights, "score": score, "t": t, "sub_pos": sub_pos,
+                "rows_per_sample": rps}
         if self.cfg:
             uncond = inputs.clone()
             uncond[:, ~sub_target] = self.mask_id  # prompt sub-tokens masked for the unconditional pass
             return Rows(inputs=torch.cat([inputs, uncond]), logits_at=torch.cat([score, score]), num_samples=K,
                         data=data)
-        return Rows(inputs=inputs, logits_at=score, num_samples=K, data=data)
+        return Rows(inputs=inputs, logits_at=score, num_samples=K // rps, data=data)
 
     def log_probs(self, logits: torch.Tensor, visible_digits: torch.Tensor | None) -> torch.Tensor:
         """log p̃(c | y_t), (N, V) in the logits' dtype and device; with carry-over restricted to tokens consistent with visible digits.
@@ -206,7 +213,7 @@ class PrimeEstimator:
         """(K,) float64 per-sample values."""
         d = rows.data
         if self.name != "legacy_joint":
-            return d["weights"] * self.masked_nll(rows, logits).sum(1)
+            return (d["weights"] * self.masked_nll(rows, logits).sum(1)).view(-1, d["rows_per_sample"]).sum(1)
         logits, row_of, tok_of, sub_noisy, digits, visible = self._scored(rows, logits)
         lg = logits
         if self.temperature is not None:  # τ(t) = (1-temp)·t + temp
