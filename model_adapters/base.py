@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+from statistics import NormalDist
 from pathlib import Path
 
 import torch
@@ -73,7 +74,8 @@ class PrimeEvalLM(TemplateLM):
 
     def __init__(self, checkpoint=None, *, model=None, tokenizer=None, format=None, config=None, estimator=None,
                  samples=None, num_samples=None, seed=1234, rows_per_pass=None, max_length=None, device=None,
-                 dtype="float32", add_bos="auto", greedy="auto", max_logits_mb=2048, name=None, use_ema=True,
+                 dtype="float32", add_bos="auto", greedy="auto", crn=True, adaptive=None, round_samples=16,
+                 confidence=0.99, target_se=None, max_logits_mb=2048, name=None, use_ema=True,
                  cache_dir=None, pack="length", batch_size=None, max_batch_size=None, **options):
         super().__init__()
         unknown = sorted(set(options) - set(self.OPTIONS))
@@ -110,12 +112,22 @@ class PrimeEvalLM(TemplateLM):
         # is_greedy of diffusion models costs up to n extra passes per request. auto: only for documents scored by a
         # single request (loglikelihood tasks such as lambada); multiple-choice documents (>= 2 requests) skip it.
         self.greedy = "auto" if str(greedy).lower() == "auto" else _bool(greedy, "greedy")
+        self.crn = _bool(crn, "crn")
+        self.round_samples, self.confidence = int(round_samples), float(confidence)
+        self.target_se = None if target_se in (None, "") else float(target_se)
+        if not 0.5 < self.confidence < 1:
+            raise UserError(f"confidence={confidence}: choose a level in (0.5, 1), e.g. 0.99")
         if pack not in D.PACKING:
             raise UserError(f"pack={pack!r}: choose length (rows of one length share a pass) or request (each "
                             "request's rows in passes of their own: bit-identical results on GPUs too)")
         self.pack = pack
         self.max_logits = max(1, int(float(max_logits_mb) * 2**20 / (12 * self.net.vocab_size)))  # fp32 + fp64 copy
         self.est = self._make_estimator(estimator, options)
+        # adaptive sampling (default on for Monte Carlo estimators whose estimate is a mean of per-sample values)
+        mc_mean = not getattr(self.est, "deterministic", False) and not hasattr(self.est, "aggregate")
+        self.adaptive = mc_mean if adaptive in (None, "auto") else _bool(adaptive, "adaptive")
+        if self.adaptive and not mc_mean:
+            raise UserError(f"adaptive=true needs a Monte Carlo mean estimator, not {self.est.name}")
         self.name = name or (Path(str(checkpoint)).name if checkpoint else type(self.net).__name__)
         self.stats: list[dict] = []
         self.truncated_requests = self.truncated_tokens = 0
@@ -123,6 +135,17 @@ class PrimeEvalLM(TemplateLM):
         self._sha = None
         self.cache = self._open_cache(cache_dir) if cache_dir else None
         self.cache_hits = self.computed_requests = 0
+
+    def _request_seed(self, task, doc_id, context: str, continuation: str) -> int:
+        """The request's generator seed. crn=true (default for MC estimators): every choice of a document shares the
+        document's seed, so the choices see the same t_k / masked counts and the same draws at shared positions
+        (common random numbers: the variance of the difference between choices shrinks; issue 9). The document is
+        (task, doc_id) when lm-eval says so, else the context. crn=false: (seed, context, continuation)."""
+        if not self.crn:
+            return request_seed(self.seed, context, continuation)
+        if task is not None and doc_id is not None:
+            return request_seed(self.seed, "doc", str(task), str(doc_id))
+        return request_seed(self.seed, "context", context)
 
     # -- family hooks -----------------------------------------------------------------------------------------
     def _load_options(self, options: dict) -> dict:
@@ -180,6 +203,7 @@ class PrimeEvalLM(TemplateLM):
             checkpoint_sha256=self._checkpoint_sha256(), estimator=estimator_identity(self.est),
             num_samples=1 if getattr(self.est, "deterministic", False) else self.num_samples, seed=self.seed,
             kind="lm-eval", family=self.family, greedy=str(self.greedy),
+            adaptive=[self.round_samples, self.confidence, self.target_se] if self.adaptive else None,
             dtype=None if param is None else str(param.dtype), device_type=self._device.type)
         return ResultCache(cache_dir, ident, rank=self._rank)
 
@@ -273,8 +297,8 @@ class PrimeEvalLM(TemplateLM):
             ctx = list(ctx) or [self.prefix_token_id]
             seq = (ctx + list(cont))[-self._window:]
             items.append({"x": torch.tensor(seq), "n": len(cont), "truncated": len(ctx) + len(cont) - len(seq),
-                          "seed": request_seed(self.seed, context, continuation),
-                          "task": task, "doc_id": doc_id, "choice": choice})
+                          "seed": self._request_seed(task, doc_id, context, continuation),
+                          "task": task, "doc_id": doc_id, "choice": choice, "chars": len(continuation)})
         if meta:  # documents with one request (loglikelihood tasks) vs several (multiple choice)
             per_doc: dict = {}
             for it in items:
@@ -318,11 +342,90 @@ class PrimeEvalLM(TemplateLM):
             self.cache_hits += sum(hit is not None for hit in stored)
             todo = [it for it, hit in zip(todo, stored) if hit is None]
         self.computed_requests += len(todo)
-        self._score_chunks(todo, disable_tqdm)
+        if self.adaptive:
+            self._score_adaptive(todo, disable_tqdm)
+        else:
+            self._score_chunks(todo, disable_tqdm)
         for it, src in copies:
             it.update({f: src[f] for f in self._RESULT_FIELDS})
 
-    def _score_chunks(self, items: list[dict], disable_tqdm: bool = False) -> None:
+    def _score_adaptive(self, items: list[dict], disable_tqdm: bool = False) -> None:
+        """Adaptive sampling per document (issue 9): rounds of `round_samples`, doubling the total each round, until
+        the ranking of the document's choices is settled or `samples` (the cap) is reached.
+
+        Settled: for the top choice a and every other choice b, the paired differences d_k = v_b,k - v_a,k of the
+        per-sample NLL values (aligned by common random numbers: the choices share the document's seed and rounds)
+        give mean(d)/SE(d) >= z_{confidence}, for the ranking by log-likelihood (acc) and by log-likelihood per
+        character (acc_norm). Or every choice's SE <= target_se. A two-sided normal test applied after each round
+        (a sequential test; the doubling schedule limits the looks to log2(cap/round) + 1). Documents with one request
+        (loglikelihood tasks) and requests without a document use the fixed `samples`.
+        Recorded per request: samples used, rounds and whether the ranking settled."""
+        groups: dict = {}
+        for it in items:
+            key = (it.get("task"), it.get("doc_id"))
+            groups.setdefault(key if None not in key else ("solo", id(it)), []).append(it)
+        fixed = [it for g in groups.values() if len(g) < 2 for it in g]
+        if fixed:
+            self._score_chunks(fixed, disable_tqdm)
+        docs = [g for g in groups.values() if len(g) >= 2]
+        if not docs:
+            return
+        z = NormalDist().inv_cdf(1 - (1 - self.confidence) / 2)
+        active, total, rnd, k = docs, 0, 0, min(self.round_samples, self.num_samples)
+        while active and k > 0:
+            flat = [it for g in active for it in g]
+            runs = [dict(it, seed=request_seed(it["seed"], "round", str(rnd))) for it in flat]
+            self._score_chunks(runs, disable_tqdm, num_samples=k, store=False, greedy=rnd == 0)
+            for it, run in zip(flat, runs):
+                it.setdefault("_rounds", []).append(run["_values"])
+                it["rows"] = (it["rows"] if rnd else 0) + run["rows"]
+                if rnd == 0:
+                    it["is_greedy"], it["greedy_rows"], it["target"] = run["is_greedy"], run["greedy_rows"], run["target"]
+            total += k
+            still = []
+            for g in active:
+                settled = self._settled(g, z)
+                for it in g:
+                    it["settled"] = settled
+                if not settled and total < self.num_samples:
+                    still.append(g)
+            active, rnd = still, rnd + 1
+            k = min(total, self.num_samples - total)  # double the total
+        for g in docs:
+            for it in g:
+                rounds = len(it["_rounds"])
+                values = torch.cat(it.pop("_rounds"))
+                mean, stderr = mean_and_stderr(values)
+                it.update(ll=-mean, stderr=stderr, num_samples=values.numel(), _values=values,
+                          extra={"settled": bool(it["settled"]), "rounds": rounds})
+        if self.cache is not None:
+            self.cache.put_many("request", [(self._cache_request(it), {f: it[f] for f in self._RESULT_FIELDS})
+                                            for g in docs for it in g])
+
+    def _settled(self, group: list[dict], z: float) -> bool:
+        """Ranking of the document's choices settled at the stated confidence (see `_score_adaptive`)."""
+        values = [torch.cat(it["_rounds"]) for it in group]  # (K,) NLL per sample, aligned across choices
+        if self.target_se is not None and all(
+                float(v.std(unbiased=True)) / math.sqrt(v.numel()) <= self.target_se for v in values):
+            return True
+        for scale in (None, "chars"):
+            v = [vals / max(1, it["chars"]) if scale else vals for vals, it in zip(values, group)]
+            best = min(range(len(v)), key=lambda c: float(v[c].mean()))  # lowest NLL = highest log-likelihood
+            for c in range(len(v)):
+                if c == best:
+                    continue
+                d = v[c] - v[best]
+                se = float(d.std(unbiased=True)) / math.sqrt(d.numel())
+                if se == 0.0 or float(d.mean()) / se < z:
+                    if not (se == 0.0 and float(d.mean()) > 0):
+                        return False
+        return True
+
+    def _score_chunks(self, items: list[dict], disable_tqdm: bool = False, *, num_samples: int | None = None,
+                      store: bool = True, greedy: bool = True) -> None:
+        """Score items with `num_samples` (default: the run's) samples each; raw per-sample values in it["_values"].
+        store / greedy: write the cache / compute is_greedy (the adaptive rounds do both once, themselves)."""
+        num_samples = num_samples or self.num_samples
         order = sorted(range(len(items)), key=lambda i: -items[i]["x"].numel())
         bar = tqdm(total=len(items), desc=f"{self.family} loglikelihood", disable=disable_tqdm or self.rank != 0)
         start = 0
@@ -333,7 +436,7 @@ class PrimeEvalLM(TemplateLM):
                 target = torch.zeros(it["x"].numel(), dtype=torch.bool)
                 target[-it["n"]:] = True
                 gen = torch.Generator().manual_seed(it["seed"])
-                r = self.est.rows(it["x"], target, gen, self.num_samples)
+                r = self.est.rows(it["x"], target, gen, num_samples)
                 it["target"] = target
                 chunk.append(it)
                 rows.append(r)
@@ -342,6 +445,7 @@ class PrimeEvalLM(TemplateLM):
             for it, r, logits in zip(chunk, rows, D.forward_rows_batch_invariant(self.net, rows, self.rows_per_pass,
                                                                                 pack=self.pack)):
                 values = self.est.cost(r, logits)
+                it["_values"] = values
                 k = values.numel()
                 mean, stderr = mean_and_stderr(values, getattr(self.est, "aggregate", None))  # iw: -log-mean-exp
                 it["ll"], it["stderr"] = -mean, stderr
@@ -350,13 +454,13 @@ class PrimeEvalLM(TemplateLM):
                 it["num_samples"], it["rows"] = k, int(r.logits_at.any(1).sum())
                 if self.family == "arm":
                     it["is_greedy"], it["greedy_rows"] = self.est.is_greedy(r, logits), 0
-            if self.family != "arm":
+            if self.family != "arm" and greedy:
                 PrimeEvalLM._greedy(self, chunk)  # not computed: is_greedy False, 0 rows
                 wanted = [it for it in chunk if self.greedy is True
                           or (self.greedy == "auto" and it.get("single_request", True))]
                 if wanted and self.greedy:
                     self._greedy(wanted)
-            if self.cache is not None:  # committed per chunk: a kill loses at most the chunk being scored
+            if self.cache is not None and store:  # committed per chunk: a kill loses at most the chunk being scored
                 self.cache.put_many("request", [(self._cache_request(it), {f: it[f] for f in self._RESULT_FIELDS})
                                                 for it in chunk])
             bar.update(len(chunk))
@@ -428,7 +532,9 @@ class PrimeEvalLM(TemplateLM):
                                                  "hits": self.cache_hits, "computed": self.computed_requests}
         return {"prime_eval": {
             **self.est.config(), "family": self.family, "is_bound": bool(self.est.is_bound),
-            "num_samples": 1 if getattr(self.est, "deterministic", False) else self.num_samples, "seed": self.seed,
+            "num_samples": 1 if getattr(self.est, "deterministic", False) else self.num_samples, "seed": self.seed, "crn": self.crn,
+            "adaptive": ({"round_samples": self.round_samples, "max_samples": self.num_samples,
+                          "confidence": self.confidence, "target_se": self.target_se} if self.adaptive else None),
             "model_name": self.name, "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
             "checkpoint_sha256": self._sha or None, "params": sum(p.numel() for p in self.net.parameters()),
             "max_length": self._max_length, "add_bos": self.add_bos, "rows_per_pass": self.rows_per_pass,

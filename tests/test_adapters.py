@@ -176,7 +176,7 @@ def test_request_seed_is_stable():
 
 def test_truncation_is_counted(gpt2_tok, caplog):
     net = TinyDenoiser("mdm", len(gpt2_tok), seed=2)
-    lm = MDMLM(model=net, tokenizer=gpt2_tok, max_length=8, samples=4)
+    lm = MDMLM(model=net, tokenizer=gpt2_tok, max_length=8, samples=4, crn=False)
     long_ctx = "one two three four five six seven eight nine ten"
     with caplog.at_level(logging.WARNING, logger="prime_eval.adapters"):
         (ll, _), = lm.loglikelihood([Instance("loglikelihood", {}, (long_ctx, " end"), 0, ("t", 0, 1))])
@@ -226,3 +226,15 @@ def test_bos_policy(gpt2_tok):
     assert forced.tok_encode("Hello world") == [50256, 15496, 995]
     ctx, cont = forced._encode_pair("Hello ", "world")
     assert ctx == [50256, 15496] and cont == [995]  # trailing space moved to the continuation
+
+
+def test_common_random_numbers_share_the_document_seed(gpt2_tok):
+    net = TinyDenoiser("mdm", len(gpt2_tok), seed=2)
+    reqs = [Instance("loglikelihood", {}, ("Question: a\nAnswer:", c), i, ("piqa", 5, 1)) for i, c in
+            enumerate([" yes", " no way"])]
+    crn = MDMLM(model=net, tokenizer=gpt2_tok, samples=4)
+    crn.loglikelihood(reqs)
+    assert crn.stats[0]["seed"] == crn.stats[1]["seed"] and crn.get_model_info()["prime_eval"]["crn"]
+    ind = MDMLM(model=net, tokenizer=gpt2_tok, samples=4, crn=False)
+    ind.loglikelihood(reqs)
+    assert ind.stats[0]["seed"] != ind.stats[1]["seed"]

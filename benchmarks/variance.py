@@ -1,0 +1,90 @@
+"""Benchmark 1 (issue 9): variance at equal forward passes, per request and per choice difference.
+
+On the demo's trained tiny MDM and Prime-v2 models and real piqa documents, each estimator scores every choice of
+every document R times with fresh seeds, using about P forward passes per request; we report the variance of the
+per-request log-likelihood and of the difference between the two choices of a document, times the passes used
+("variance per pass": for independent samples variance ∝ 1/passes, so this compares estimators at equal cost).
+
+    SMDM-style   mc, t stratified, independent masks, a fresh seed per request
+    LLaDA-style  exact_count, a fresh seed per request
+    mc + CRN     mc with the document's seed shared by its choices (same t_k and mask draws)
+    levels + CRN every exact-count level once per random order (n passes per sample), document seed shared
+
+    .venv/bin/python benchmarks/variance.py [--docs 16] [--repeats 8] [--passes 128] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import demo_models, real_requests
+from prime_eval.estimators import forward_rows, get_estimator, mean_and_stderr  # noqa: E402
+
+CONFIGS = [("SMDM-style mc", "mc", False), ("LLaDA-style exact_count", "exact_count", False),
+           ("mc + CRN", "mc", True), ("levels + CRN", "levels", True)]
+
+
+def run(net, st, family, docs, name, crn, passes, repeats, rows_per_pass=512):
+    opts = {"mask_id": net.mask_id} if family == "mdm" else {"subtokenizer": st}
+    est = get_estimator(family, name, **opts)
+    ell = st.ell if family == "prime" else 1
+    ll = np.zeros((repeats, len(docs), 2))
+    used = []
+    for r in range(repeats):
+        rows, where = [], []
+        for d, (doc_i, reqs, _) in enumerate(docs):
+            for c, (ids, n) in enumerate(reqs[:2]):
+                target = torch.zeros(ids.numel(), dtype=torch.bool)
+                target[-n:] = True
+                seed = hash((r, doc_i)) if crn else hash((r, doc_i, c))  # int tuples: stable across runs
+                k = max(1, passes // (n * ell)) if name == "levels" else passes
+                rows.append(est.rows(ids, target, torch.Generator().manual_seed(seed % (2**62)), k))
+                where.append((d, c))
+        for (d, c), rw, logits in zip(where, rows, forward_rows(net, rows, rows_per_pass)):
+            ll[r, d, c] = -mean_and_stderr(est.cost(rw, logits))[0]
+            if r == 0:
+                used.append(int(rw.logits_at.any(1).sum()))
+    var_req = ll.var(axis=0, ddof=1).mean()
+    var_diff = (ll[:, :, 0] - ll[:, :, 1]).var(axis=0, ddof=1).mean()
+    p = float(np.mean(used))
+    return {"passes": p, "var_req": var_req, "var_diff": var_diff, "vpp_req": var_req * p, "vpp_diff": var_diff * p,
+            "mean_ll": ll.mean()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--docs", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--passes", type=int, default=128, help="forward passes per request")
+    ap.add_argument("--max-continuation", type=int, default=12, help="tokens (keeps levels within the budget)")
+    ap.add_argument("--quick", action="store_true", help="the demo's quick models (seconds to train)")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    models = demo_models(quick=args.quick)
+    print(f"variance at equal forward passes: piqa, {args.docs} docs x 2 choices, {args.repeats} repeats, "
+          f"~{args.passes} passes/request")
+    for family in ("mdm", "prime"):
+        net, tok, st = models[family]
+        docs = [d for d in real_requests("piqa", 400, tok, net.max_length)
+                if all(n <= args.max_continuation for _, n in d[1][:2])][:args.docs]
+        print(f"\n{family}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M params, "
+              f"{len(docs)} documents" + (f", ℓ={st.ell}" if st else ""))
+        print(f"{'estimator':26s} {'passes':>7s} {'var(ll)':>10s} {'var(diff)':>10s} {'var·passes(diff)':>17s} "
+              f"{'ratio vs SMDM':>14s}  seconds")
+        base = None
+        for label, name, crn in CONFIGS:
+            t0 = time.perf_counter()
+            r = run(net, st, family, docs, name, crn, args.passes, args.repeats)
+            base = base or r
+            print(f"{label:26s} {r['passes']:7.1f} {r['var_req']:10.4f} {r['var_diff']:10.4f} "
+                  f"{r['vpp_diff']:17.2f} {base['vpp_diff'] / r['vpp_diff']:13.1f}x  {time.perf_counter() - t0:6.1f}")
+
+
+if __name__ == "__main__":
+    main()
