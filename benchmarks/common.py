@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PRIME_EVAL_DATA", ROOT.parent / "shared" / "data"))
 
 
-def demo_models(quick: bool = False, seed: int = 0):
-    """{family: (net, tokenizer, subtokenizer|None)} of the demo's trained models (trains them once if needed)."""
+def demo_models(quick: bool = False, seed: int = 0, with_artifacts: bool = False):
+    """{family: (net, tokenizer, subtokenizer|None)} of the demo's trained models (trains them once if needed);
+    with_artifacts: also the demo's ModelArtifacts (checkpoint, tokenizer and permutation paths)."""
     from rich.console import Console
 
     from prime_eval import demo
@@ -26,7 +27,8 @@ def demo_models(quick: bool = False, seed: int = 0):
     settings = demo.default_settings(seed=seed, quick=quick)
     data = generate(settings.language, settings.n_train, settings.n_heldout, settings.n_task_items)
     art = demo.ensure_models(settings, data, demo.default_cache_dir(), console=Console(stderr=True))
-    return {f: demo.load_demo_network(f, art, settings)[:3] for f in ("arm", "mdm", "prime")}
+    models = {f: demo.load_demo_network(f, art, settings)[:3] for f in ("arm", "mdm", "prime")}
+    return (models, art) if with_artifacts else models
 
 
 def _doc_to_requests(task: str, doc: dict) -> tuple[str, list[str], int]:

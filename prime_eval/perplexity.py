@@ -12,8 +12,8 @@ Protocol (each step an option of `Protocol`):
 2. Blocks (`wrap=True`): each document is tokenized without special tokens and gets EOS appended; the stream is cut
    into blocks of L-2 tokens, each framed as [BOS] block [EOS] (GPT-2: both 50256); the remainder is dropped and
    counted. `wrap=False`: one block per document, [BOS] doc [EOS], truncated to L (the cut tokens are counted as
-   dropped); shorter blocks are not padded here — `forward_rows` pads rows on the right and passes the attention
-   mask, and padding is never a target, so it is never scored.
+   dropped); shorter blocks are never padded: each forward pass holds blocks of one length
+   (`distributed.forward_rows_batch_invariant`), so no number depends on which blocks share a pass.
 3. Scores, per block x (nats):
      ARM         -Σ_{i=1}^{L-1} log p(x^i | x^{<i})             exact, L-1 scored positions (the BOS is context)
      MDM/Prime   NELBO(x) of all L positions (BOS and EOS included, as MDLM), K Monte Carlo samples, their mean.
@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from prime_eval.errors import UserError
-from prime_eval.estimators import forward_rows, get_estimator
+from prime_eval.estimators import get_estimator
 from prime_eval.estimators.mdm import mask_independent
 from prime_eval.estimators.rows import Rows
 

@@ -318,7 +318,9 @@ def discover(paths: Iterable[str | Path]) -> list[Path]:
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            files += [q for q in p.rglob("*") if q.is_file() and q.suffix in (".json", ".jsonl")]
+            files += [q for q in p.rglob("*") if q.is_file() and q.suffix in (".json", ".jsonl")
+                      and not any(part.startswith(".prime-eval-staging-") for part in q.relative_to(p).parts)]
+            # (staging folders hold files of a run still writing, or killed while writing: prime_eval.io)
         elif p.is_file():
             files.append(p)
         else:
@@ -968,7 +970,10 @@ def build(collection: Collection, *, metric_override: dict | None = None, baseli
         tables.append(_paired_table(like, tasks, metric, cache, baseline))
     tables += _ppl_tables(collection.ppl)
     if not tables:
-        raise UserError("no lm-eval results and no perplexity JSONs found in the given paths")
+        skipped = [n for n in collection.notes if n.startswith("skipped ")]
+        raise UserError("no lm-eval results and no perplexity JSONs found in the given paths"
+                        + ("".join(f"; {n}" for n in skipped) + " (a half-written file: rerun that evaluation)"
+                           if skipped else ""))
     return Report(title=title, tables=tables, notes=list(collection.notes))
 
 

@@ -97,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "default 0,1234,1234,1234. The estimator's Monte Carlo seed is the model argument `seed`.")
     p.add_argument("--bootstrap_iters", type=int, default=100000,
                    help="bootstrap iterations for metric stderrs (0: none)")
-    p.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=os.environ.get("PRIME_EVAL_CACHE_DIR"),
+    p.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=None,
                    metavar="DIR", help="resumable cache of per-request results (arm/mdm/prime; SQLite, keyed by "
                    "checkpoint hash, estimator settings, samples, seed and request): rerun the same command after a "
                    "crash or pre-emption and only missing requests are computed (default: $PRIME_EVAL_CACHE_DIR, "
@@ -213,6 +213,8 @@ def main(args: argparse.Namespace) -> int:
     if args.limit is not None and args.samples is not None:
         raise UserError("--limit and --samples cannot be combined")
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    if not args.cache_dir and args.model in CACHE_MODELS and "cache_dir=" not in model_args:
+        args.cache_dir = os.environ.get("PRIME_EVAL_CACHE_DIR") or None
     if args.cache_dir:
         if args.model not in CACHE_MODELS:
             raise UserError(f"--cache-dir works with the models {', '.join(CACHE_MODELS)}; for {args.model!r} use "
