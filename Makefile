@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(OFFLINE) $(BIN)/prime-eval audit
+	$(OFFLINE) $(BIN)/prime-eval demo
 
 audit: $(VENV)/.installed
 	$(OFFLINE) $(BIN)/prime-eval audit
@@ -29,6 +29,11 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(OFFLINE) PRIME_EVAL_DATA=$(PRIME_EVAL_DATA) $(BIN)/python benchmarks/throughput.py
+	$(OFFLINE) PRIME_EVAL_DATA=$(PRIME_EVAL_DATA) $(BIN)/python benchmarks/variance.py
+	$(OFFLINE) PRIME_EVAL_DATA=$(PRIME_EVAL_DATA) $(BIN)/python benchmarks/adaptive.py
+	$(OFFLINE) PRIME_EVAL_DATA=$(PRIME_EVAL_DATA) $(BIN)/python benchmarks/arm_vs_hf.py
+	$(OFFLINE) PRIME_EVAL_DATA=$(PRIME_EVAL_DATA) $(BIN)/python benchmarks/iw_bias.py
+	$(OFFLINE) PRIME_EVAL_DATA=$(PRIME_EVAL_DATA) $(BIN)/python benchmarks/flops.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -231,21 +231,24 @@ def print_rank0(*args, file=None, **kwargs) -> None:
         print(*args, file=file if file is not None else sys.stdout, **kwargs)
 
 
-PACKING = ("length", "request")
+PACKING = ("bucket", "length", "request")
 
 
 def forward_rows_batch_invariant(net, rows_list: Sequence, rows_per_pass: int = 64, *,
-                                 pack: str = "length") -> list[torch.Tensor]:
+                                 pack: str = "bucket", bucket: int = 32) -> list[torch.Tensor]:
     """`prime_eval.estimators.forward_rows`, with passes whose make-up cannot change a request's numbers.
 
-    pack="length" (default): each pass holds rows of one input length only. Padding a row to a longer pass changes
+    pack="bucket" (default): every row is padded to the next multiple of `bucket` tokens (a length that depends on
+      the row alone) and a pass holds rows of one padded length, always with the attention mask: a row's
+      computation has the same shape whatever shares its pass, and passes stay full (lengths vary a lot).
+    pack="length": each pass holds rows of one input length only. Padding a row to a longer pass changes
       its logits in the last bits (CPU SDPA blocks the key axis by length; measured ~3e-8 on lit_gpt), so with
       mixed-length passes a request's numbers would depend on which other requests share its pass, i.e. on the
       number of processes and on which requests a resumed run still has to compute. Rows of equal length need no
       padding and no attention mask, and on CPU the number of rows in a pass does not change a row's logits
       (tests/test_distributed.py checks both).
-    pack="request": each request's rows in passes of their own, so every pass's shape depends on the request
-      alone — for GPUs, where a matmul's kernel (and its summation order) may depend on the number of rows.
+    pack="request": each request's rows in passes of their own (padded to the bucket as well), so every pass's
+      shape depends on the request alone — for GPUs, where a matmul's kernel (and its summation order) may depend on the number of rows.
       Costs throughput only when a request has fewer rows than `rows_per_pass` (K < rows_per_pass).
     Same return value as `forward_rows`.
     """
@@ -253,15 +256,20 @@ def forward_rows_batch_invariant(net, rows_list: Sequence, rows_per_pass: int = 
 
     if pack not in PACKING:
         raise UserError(f"pack={pack!r}: choose one of {', '.join(PACKING)}")
-    if pack == "request":
-        return [forward_rows(net, [rows], rows_per_pass)[0] for rows in rows_list]
+    from prime_eval.estimators.rows import bucket_length
+
+    if pack == "request":  # padded to the bucket too: the same bits as pack="bucket" on CPU
+        return [forward_rows(net, [rows], rows_per_pass, bucket=bucket)[0] for rows in rows_list]
+
+    ell = getattr(net, "ell", 1) if getattr(net, "family", None) == "prime" else 1
+    width = bucket if pack == "bucket" else None
     groups: dict[int, list[int]] = {}
     for i, rows in enumerate(rows_list):
-        groups.setdefault(int(rows.inputs.shape[1]), []).append(i)
+        groups.setdefault(bucket_length(int(rows.inputs.shape[1]) // ell, width), []).append(i)
     out: list[Any] = [None] * len(rows_list)
     for length in sorted(groups, reverse=True):
         idx = groups[length]
-        for i, logits in zip(idx, forward_rows(net, [rows_list[i] for i in idx], rows_per_pass)):
+        for i, logits in zip(idx, forward_rows(net, [rows_list[i] for i in idx], rows_per_pass, bucket=width)):
             out[i] = logits
     return out
 

@@ -1031,7 +1031,8 @@ def make_plots(report: Report, collection: Collection) -> dict:
         fig, axs = plt.subplots(1, len(axes_x), figsize=(5.2 * len(axes_x), 3.8), squeeze=False)
         for ax, (attr, xlabel) in zip(axs[0], axes_x):
             for fam in sorted({r.family for r in rs}, key=_family_key):
-                pts = sorted((getattr(r, attr), r) for r in rs if r.family == fam and getattr(r, attr))
+                pts = sorted(((getattr(r, attr), r) for r in rs if r.family == fam and getattr(r, attr)),
+                             key=lambda p: (p[0], p[1].name, p[1].estimator))
                 if not pts:
                     continue
                 xs = [x for x, _ in pts]

@@ -63,11 +63,18 @@ def mean_and_stderr(values: torch.Tensor, aggregate=None) -> tuple[float, float]
     return float(values.mean()), (float(values.std(unbiased=True) / math.sqrt(k)) if k > 1 else 0.0)
 
 
-def forward_rows(net, rows_list: list[Rows], rows_per_pass: int = 64) -> list[torch.Tensor]:
+def bucket_length(tokens: int, bucket: int | None) -> int:
+    """Tokens a row is padded to: the next multiple of `bucket` (None: its own length)."""
+    return tokens if not bucket else -(-tokens // bucket) * bucket
+
+
+def forward_rows(net, rows_list: list[Rows], rows_per_pass: int = 64, bucket: int | None = None) -> list[torch.Tensor]:
     """Run the network on the rows of many requests, `rows_per_pass` rows per forward pass.
 
     Rows that need no logits are skipped. Rows of different lengths are right-padded and masked with
-    `attention_mask`, so each row's logits do not depend on which rows share its pass.
+    `attention_mask`, so each row's logits do not depend on which rows share its pass (mathematically; in the last
+    bits padding changes them). `bucket` (tokens): every row is padded to the next multiple of `bucket` and the mask
+    is always passed, so a row's computation has the same shape whichever rows share its pass.
     Returns, for each Rows, the logits at its `logits_at` positions, (N_r, V), row-major, on the network's device
     (costs are computed there; only per-sample values come back to the CPU).
     """
@@ -84,6 +91,7 @@ def forward_rows(net, rows_list: list[Rows], rows_per_pass: int = 64) -> list[to
         for s in range(0, len(work), max(1, rows_per_pass)):
             chunk = work[s:s + rows_per_pass]
             T = max(rows_list[r].inputs.shape[1] for r, _ in chunk)
+            T = bucket_length(T // ell, bucket) * ell
             L = T // ell
             idx = torch.full((len(chunk), T), pad_id, dtype=torch.long)
             att = torch.zeros(len(chunk), L, dtype=torch.bool)
@@ -93,7 +101,7 @@ def forward_rows(net, rows_list: list[Rows], rows_per_pass: int = 64) -> list[to
                 idx[k, :row.numel()] = row
                 att[k, :row.numel() // ell] = True
                 la[k, :rows_list[r].logits_at.shape[1]] = rows_list[r].logits_at[i]
-            mask_arg = None if bool(att.all()) else att.to(device)
+            mask_arg = None if bool(att.all()) and not bucket else att.to(device)
             logits = net(idx.to(device), attention_mask=mask_arg, logits_at=la.to(device))
             if logits.dtype not in (torch.float32, torch.float64):
                 logits = logits.float()  # costs stay on the device, in fp32 (fp64 for exact audit networks)

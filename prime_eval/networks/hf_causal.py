@@ -43,11 +43,11 @@ class HFCausalLM(nn.Module):
                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, L) -> logits (B, L, V) or (N, V) at the True entries of `logits_at` (B, L), row-major.
 
-        attention_mask (B, L) bool, True = real token (right padding), passed to the model as its padding mask.
+        attention_mask (B, L) bool, True = real token. Padding is on the right and attention is causal, so no real
+        position ever attends to padding: the mask is not passed on (as lm-eval's `hf` does), which keeps the fast
+        causal attention kernel.
         """
         kwargs = {}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask.to(device=idx.device, dtype=torch.long)
         if logits_at is not None and self._has_logits_to_keep:
             cols = logits_at.any(dim=0).nonzero().squeeze(1).to(idx.device)  # (K,) positions needed in some row
             kwargs["logits_to_keep"] = cols
