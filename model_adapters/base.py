@@ -76,13 +76,14 @@ class PrimeEvalLM(TemplateLM):
                  samples=None, num_samples=None, seed=1234, rows_per_pass=None, max_length=None, device=None,
                  dtype="float32", add_bos="auto", greedy="auto", crn=True, adaptive=None, round_samples=16,
                  confidence=0.99, target_se=None, max_logits_mb=2048, name=None, use_ema=True,
-                 cache_dir=None, pack="length", batch_size=None, max_batch_size=None, **options):
+                 cache_dir=None, pack="bucket", batch_size=None, max_batch_size=None, **options):
         super().__init__()
         unknown = sorted(set(options) - set(self.OPTIONS))
         if unknown:
             raise UserError(f"unknown model argument(s) {unknown} for `{self.family}`; known: checkpoint, format, "
                             "config, tokenizer, estimator, samples, seed, rows_per_pass, max_length, device, dtype, "
-                            "add_bos, greedy, max_logits_mb, name, use_ema, cache_dir, pack"
+                            "add_bos, greedy, crn, adaptive, round_samples, confidence, target_se, max_logits_mb, "
+                            "name, use_ema, cache_dir, pack"
                             f"{''.join(', ' + o for o in self.OPTIONS)}")
         if dtype not in DTYPES:
             raise UserError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -118,8 +119,9 @@ class PrimeEvalLM(TemplateLM):
         if not 0.5 < self.confidence < 1:
             raise UserError(f"confidence={confidence}: choose a level in (0.5, 1), e.g. 0.99")
         if pack not in D.PACKING:
-            raise UserError(f"pack={pack!r}: choose length (rows of one length share a pass) or request (each "
-                            "request's rows in passes of their own: bit-identical results on GPUs too)")
+            raise UserError(f"pack={pack!r}: choose bucket (rows padded to a multiple of 32 tokens share a pass), "
+                            "length (rows of one length share a pass) or request (each request's rows in passes of "
+                            "their own: bit-identical results on GPUs too)")
         self.pack = pack
         self.max_logits = max(1, int(float(max_logits_mb) * 2**20 / (12 * self.net.vocab_size)))  # fp32 + fp64 copy
         self.est = self._make_estimator(estimator, options)
@@ -532,7 +534,8 @@ class PrimeEvalLM(TemplateLM):
                                                  "hits": self.cache_hits, "computed": self.computed_requests}
         return {"prime_eval": {
             **self.est.config(), "family": self.family, "is_bound": bool(self.est.is_bound),
-            "num_samples": 1 if getattr(self.est, "deterministic", False) else self.num_samples, "seed": self.seed, "crn": self.crn,
+            "num_samples": 1 if getattr(self.est, "deterministic", False) else self.num_samples, "seed": self.seed,
+            "crn": self.crn,
             "adaptive": ({"round_samples": self.round_samples, "max_samples": self.num_samples,
                           "confidence": self.confidence, "target_se": self.target_se} if self.adaptive else None),
             "model_name": self.name, "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
