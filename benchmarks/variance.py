@@ -9,6 +9,7 @@ per-request log-likelihood and of the difference between the two choices of a do
     LLaDA-style  exact_count, a fresh seed per request
     mc + CRN     mc with the document's seed shared by its choices (same t_k and mask draws)
     levels + CRN every exact-count level once per random order (n passes per sample), document seed shared
+    exact_count + CRN  the default of `prime-eval score`: exact_count with the document's seed shared
 
     .venv/bin/python benchmarks/variance.py [--docs 16] [--repeats 8] [--passes 128] [--quick]
 """
@@ -27,7 +28,8 @@ from benchmarks.common import demo_models, real_requests
 from prime_eval.estimators import forward_rows, get_estimator, mean_and_stderr  # noqa: E402
 
 CONFIGS = [("SMDM-style mc", "mc", False), ("LLaDA-style exact_count", "exact_count", False),
-           ("mc + CRN", "mc", True), ("levels + CRN", "levels", True)]
+           ("mc + CRN", "mc", True), ("levels + CRN", "levels", True),
+           ("exact_count + CRN (default)", "exact_count", True)]
 
 
 def run(net, st, family, docs, name, crn, passes, repeats, rows_per_pass=512):

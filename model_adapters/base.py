@@ -40,6 +40,9 @@ from prime_eval.errors import UserError
 from prime_eval.estimators import mean_and_stderr
 
 log = logging.getLogger("prime_eval.adapters")
+# Default diffusion estimator of `prime-eval score` (benchmarks/variance.py: at equal forward passes, exact_count with
+# common random numbers has the lowest variance of the choice differences; `ppl` keeps MDLM's `mc`).
+DEFAULT_SCORE_ESTIMATOR = "exact_count"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 

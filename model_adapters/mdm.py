@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from lm_eval.api.registry import register_model
 
-from model_adapters.base import PrimeEvalLM
+from model_adapters.base import DEFAULT_SCORE_ESTIMATOR, PrimeEvalLM
 from prime_eval.estimators import get_estimator
 from prime_eval.estimators.greedy import greedy_unmask
 
@@ -22,7 +22,7 @@ class MDMLM(PrimeEvalLM):
 
     def _make_estimator(self, name, options: dict):
         opts = self._iw_options(name, options)
-        return get_estimator("mdm", name or "mc", mask_id=self.net.mask_id, **opts)
+        return get_estimator("mdm", name or DEFAULT_SCORE_ESTIMATOR, mask_id=self.net.mask_id, **opts)
 
     def _greedy(self, items: list[dict]) -> None:
         ok, rows = greedy_unmask(self.net, [(it["x"], it["target"]) for it in items], mask_id=self.net.mask_id,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from lm_eval.api.registry import register_model
 
-from model_adapters.base import PrimeEvalLM, _bool
+from model_adapters.base import DEFAULT_SCORE_ESTIMATOR, PrimeEvalLM, _bool
 from prime_eval.errors import UserError
 from prime_eval.estimators import get_estimator
 from prime_eval.estimators.greedy import greedy_unmask
@@ -45,7 +45,7 @@ class PrimeLM(PrimeEvalLM):
         co = opts.pop("carry_over", None)
         co = _bool(co, "carry_over") if co is not None else bool(self.info.get("carry_over") or False)
         self.subtokenizer, self.permutation_file = st, perm_file
-        return get_estimator("prime", name or "mc", subtokenizer=st, carry_over=co, **opts)
+        return get_estimator("prime", name or DEFAULT_SCORE_ESTIMATOR, subtokenizer=st, carry_over=co, **opts)
 
     def _greedy(self, items: list[dict]) -> None:
         ok, rows = greedy_unmask(self.net, [(it["x"], it["target"]) for it in items], mask_id=self.net.mask_id,

@@ -228,31 +228,39 @@ def oracle_case(V: int, ell: int | None = None, base: int | None = None, source:
     return out
 
 
-def model_case(family: str, V: int, *, ell: int | None = None, base: int | None = None, perm_seed: int | None = None,
-               context: int = 2, target_len: int = 3, estimators=None, carry_over: bool = False,
-               model_seed: int = 0, data_seed: int = 0, mc_samples: int = 2000, T: int | None = None,
-               scale: float = 1.0, name: str | None = None) -> list[AuditRow]:
-    """A random tiny network: every estimator's exact expectation against the exact any-order NLL."""
+def _random_case(family, V, ell, base, perm_seed, context, target_len, model_seed, data_seed, scale):
+    """(network, sub-tokenizer or None, x, target) of a random tiny case: ids from `data_seed`, weights from
+    `model_seed`, a megatron-style permutation from `perm_seed` (Prime)."""
     g = torch.Generator().manual_seed(data_seed)
     L = context + target_len
     x = torch.randint(0, V, (L,), generator=g)
     target = torch.arange(L) >= context
     if family == "mdm":
-        net = TinyDenoiser("mdm", V, seed=model_seed, scale=scale)
+        return TinyDenoiser("mdm", V, seed=model_seed, scale=scale), None, x, target
+    st0 = SubTokenizer(V, ell=ell, base=base)
+    perm = None if perm_seed is None else make_permutation(st0.num_codes, V, seed=perm_seed, style="megatron")
+    st = SubTokenizer(V, ell=st0.ell, base=st0.base, perm=perm)
+    return TinyDenoiser("prime", V, ell=st.ell, base=st.base, seed=model_seed, scale=scale), st, x, target
+
+
+def model_case(family: str, V: int, *, ell: int | None = None, base: int | None = None, perm_seed: int | None = None,
+               context: int = 2, target_len: int = 3, estimators=None, carry_over: bool = False,
+               model_seed: int = 0, data_seed: int = 0, mc_samples: int = 2000, T: int | None = None,
+               scale: float = 1.0, name: str | None = None) -> list[AuditRow]:
+    """A random tiny network: every estimator's exact expectation against the exact any-order NLL."""
+    net, st, x, target = _random_case(family, V, ell, base, perm_seed, context, target_len, model_seed, data_seed,
+                                      scale)
+    if family == "mdm":
         ests = [MDMEstimator(e, mask_id=V) for e in (estimators or ("mc", "exact_count", "levels", "chain_rule"))]
         if T:
             ests.append(MDMEstimator("mc", mask_id=V, T=T))
         label = name or f"random MDM V={V} ctx={context} n={target_len}"
     else:
-        st0 = SubTokenizer(V, ell=ell, base=base)
-        perm = None if perm_seed is None else make_permutation(st0.num_codes, V, seed=perm_seed, style="megatron")
-        st = SubTokenizer(V, ell=st0.ell, base=st0.base, perm=perm)
-        net = TinyDenoiser("prime", V, ell=st.ell, base=st.base, seed=model_seed, scale=scale)
         ests = [PrimeEstimator(e, subtokenizer=st, carry_over=carry_over)
                 for e in (estimators or ("mc", "exact_count", "levels", "legacy_joint"))]
         if T:
             ests.append(PrimeEstimator("mc", subtokenizer=st, carry_over=carry_over, T=T))
-        label = name or (f"random Prime V={V} ℓ={st.ell} b={st.base} π={'id' if perm is None else 'shuffled'} "
+        label = name or (f"random Prime V={V} ℓ={st.ell} b={st.base} π={'id' if st.is_identity else 'shuffled'} "
                          f"ctx={context} n={target_len}{' carry-over' if carry_over else ''}")
     table = masked_nll_table(net, ests[0], x, target)
     ref = exact_nll(net, ests[0], x, target, table=table)
@@ -357,19 +365,12 @@ def iw_case(family: str, V: int, *, ell: int | None = None, base: int | None = N
             carry_over: bool = False, model_seed: int = 0, data_seed: int = 0, scale: float = 1.0,
             name: str | None = None) -> list[AuditRow]:
     """IW_K against the exact NLL: below it in log-likelihood (above in NLL), non-increasing NLL in K."""
-    g = torch.Generator().manual_seed(data_seed)
-    L = context + target_len
-    x = torch.randint(0, V, (L,), generator=g)
-    target = torch.arange(L) >= context
+    net, st, x, target = _random_case(family, V, ell, base, perm_seed, context, target_len, model_seed, data_seed,
+                                      scale)
     if family == "mdm":
-        net = TinyDenoiser("mdm", V, seed=model_seed, scale=scale)
         est = MDMEstimator("mc", mask_id=V)
         label = name or f"iw: random MDM V={V} ctx={context} n={target_len}"
     else:
-        st0 = SubTokenizer(V, ell=ell, base=base)
-        perm = None if perm_seed is None else make_permutation(st0.num_codes, V, seed=perm_seed, style="megatron")
-        st = SubTokenizer(V, ell=st0.ell, base=st0.base, perm=perm)
-        net = TinyDenoiser("prime", V, ell=st.ell, base=st.base, seed=model_seed, scale=scale)
         est = PrimeEstimator("mc", subtokenizer=st, carry_over=carry_over)
         label = name or f"iw: random Prime V={V} ℓ={st.ell} b={st.base} ctx={context} n={target_len}"
     table = masked_nll_table(net, est, x, target)
