@@ -760,8 +760,10 @@ def _demo_tables(summary: dict) -> list:
     rows.append(bayes_row)
     for fam in FAMILIES:
         name = f"{fam}-demo"
-        est = {"arm": "exact", "mdm": "mc", "prime": "mc"}[fam]
-        row = [f"{LABELS[fam]} ({summary['models'][fam]['params'] / 1e6:.2f}M)", f"{est} (K={summary['settings']['score_samples']})" if fam != "arm" else est]
+        from model_adapters.base import DEFAULT_SCORE_ESTIMATOR  # what `prime-eval score` used (its default)
+
+        est = "exact" if fam == "arm" else f"{DEFAULT_SCORE_ESTIMATOR} (K={summary['settings']['score_samples']})"
+        row = [f"{LABELS[fam]} ({summary['models'][fam]['params'] / 1e6:.2f}M)", est]
         gaps = []
         for t in tasks:
             r = next((a for a in acc if a["model"] == name and a["task"] == t), None)
