@@ -78,14 +78,15 @@ class PrimeEvalLM(TemplateLM):
     def __init__(self, checkpoint=None, *, model=None, tokenizer=None, format=None, config=None, estimator=None,
                  samples=None, num_samples=None, seed=1234, rows_per_pass=None, max_length=None, device=None,
                  dtype="float32", add_bos="auto", greedy="auto", crn=True, adaptive=None, round_samples=16,
-                 confidence=0.99, target_se=None, max_logits_mb=2048, name=None, use_ema=True,
+                 confidence=0.99, target_se=None, futility_after=64, max_logits_mb=2048, name=None, use_ema=True,
                  cache_dir=None, pack="bucket", batch_size=None, max_batch_size=None, **options):
         super().__init__()
         unknown = sorted(set(options) - set(self.OPTIONS))
         if unknown:
             raise UserError(f"unknown model argument(s) {unknown} for `{self.family}`; known: checkpoint, format, "
                             "config, tokenizer, estimator, samples, seed, rows_per_pass, max_length, device, dtype, "
-                            "add_bos, greedy, crn, adaptive, round_samples, confidence, target_se, max_logits_mb, "
+                            "add_bos, greedy, crn, adaptive, round_samples, confidence, target_se, futility_after, "
+                            "max_logits_mb, "
                             "name, use_ema, cache_dir, pack"
                             f"{''.join(', ' + o for o in self.OPTIONS)}")
         if dtype not in DTYPES:
@@ -118,6 +119,7 @@ class PrimeEvalLM(TemplateLM):
         self.greedy = "auto" if str(greedy).lower() == "auto" else _bool(greedy, "greedy")
         self.crn = _bool(crn, "crn")
         self.round_samples, self.confidence = int(round_samples), float(confidence)
+        self.futility_after = int(futility_after)
         self.target_se = None if target_se in (None, "") else float(target_se)
         if not 0.5 < self.confidence < 1:
             raise UserError(f"confidence={confidence}: choose a level in (0.5, 1), e.g. 0.99")
@@ -208,7 +210,8 @@ class PrimeEvalLM(TemplateLM):
             checkpoint_sha256=self._checkpoint_sha256(), estimator=estimator_identity(self.est),
             num_samples=1 if getattr(self.est, "deterministic", False) else self.num_samples, seed=self.seed,
             kind="lm-eval", family=self.family, greedy=str(self.greedy),
-            adaptive=[self.round_samples, self.confidence, self.target_se] if self.adaptive else None,
+            adaptive=[self.round_samples, self.confidence, self.target_se, self.futility_after] if self.adaptive
+            else None,
             dtype=None if param is None else str(param.dtype), device_type=self._device.type)
         return ResultCache(cache_dir, ident, rank=self._rank)
 
@@ -361,7 +364,9 @@ class PrimeEvalLM(TemplateLM):
         Settled: for the top choice a and every other choice b, the paired differences d_k = v_b,k - v_a,k of the
         per-sample NLL values (aligned by common random numbers: the choices share the document's seed and rounds)
         give mean(d)/SE(d) >= z_{confidence}, for the ranking by log-likelihood (acc) and by log-likelihood per
-        character (acc_norm). Or every choice's SE <= target_se. A two-sided normal test applied after each round
+        character (acc_norm). Or every choice's SE <= target_se. Futility: after `futility_after` samples, a document
+        whose z would stay below 1 even at the cap (z·sqrt(cap/total) < 1, a near tie) stops too.
+        A two-sided normal test applied after each round
         (a sequential test; the doubling schedule limits the looks to log2(cap/round) + 1). Documents with one request
         (loglikelihood tasks) and requests without a document use the fixed `samples`.
         Recorded per request: samples used, rounds and whether the ranking settled."""
@@ -385,14 +390,18 @@ class PrimeEvalLM(TemplateLM):
                 it.setdefault("_rounds", []).append(run["_values"])
                 it["rows"] = (it["rows"] if rnd else 0) + run["rows"]
                 if rnd == 0:
-                    it["is_greedy"], it["greedy_rows"], it["target"] = run["is_greedy"], run["greedy_rows"], run["target"]
+                    it.update({f: run[f] for f in ("is_greedy", "greedy_rows", "target")})
             total += k
             still = []
             for g in active:
-                settled = self._settled(g, z)
+                zg = self._ranking_z(g)
+                settled = zg >= z
+                # futility: even at the cap the difference would stay within ~1 SE (a near tie whose decision no
+                # affordable number of samples settles); stop rather than spend the cap on it
+                futile = not settled and total >= self.futility_after and zg * math.sqrt(self.num_samples / total) < 1
                 for it in g:
-                    it["settled"] = settled
-                if not settled and total < self.num_samples:
+                    it["settled"], it["stop"] = settled, "settled" if settled else "futile" if futile else "cap"
+                if not settled and not futile and total < self.num_samples:
                     still.append(g)
             active, rnd = still, rnd + 1
             k = min(total, self.num_samples - total)  # double the total
@@ -402,17 +411,29 @@ class PrimeEvalLM(TemplateLM):
                 values = torch.cat(it.pop("_rounds"))
                 mean, stderr = mean_and_stderr(values)
                 it.update(ll=-mean, stderr=stderr, num_samples=values.numel(), _values=values,
-                          extra={"settled": bool(it["settled"]), "rounds": rounds})
+                          extra={"settled": bool(it["settled"]), "stop": it["stop"], "rounds": rounds})
         if self.cache is not None:
             self.cache.put_many("request", [(self._cache_request(it), {f: it[f] for f in self._RESULT_FIELDS})
                                             for g in docs for it in g])
 
-    def _settled(self, group: list[dict], z: float) -> bool:
-        """Ranking of the document's choices settled at the stated confidence (see `_score_adaptive`)."""
+    def _ranking_z(self, group: list[dict]) -> float:
+        """The smallest paired z-statistic mean(d)/SE(d) between the top choice and any other, over the rankings by
+        log-likelihood (acc) and per character (acc_norm); inf if every SE <= target_se."""
         values = [torch.cat(it["_rounds"]) for it in group]  # (K,) NLL per sample, aligned across choices
         if self.target_se is not None and all(
                 float(v.std(unbiased=True)) / math.sqrt(v.numel()) <= self.target_se for v in values):
-            return True
+            return math.inf
+        worst = math.inf
+        for scale in (False, True):
+            v = [vals / max(1, it["chars"]) if scale else vals for vals, it in zip(values, group)]
+            best = min(range(len(v)), key=lambda c: float(v[c].mean()))  # lowest NLL = highest log-likelihood
+            for c in range(len(v)):
+                if c != best:
+                    d = v[c] - v[best]
+                    se = float(d.std(unbiased=True)) / math.sqrt(d.numel())
+                    worst = min(worst, math.inf if se == 0.0 and float(d.mean()) > 0 else
+                                float(d.mean()) / se if se > 0 else 0.0)
+        return worst
         for scale in (None, "chars"):
             v = [vals / max(1, it["chars"]) if scale else vals for vals, it in zip(values, group)]
             best = min(range(len(v)), key=lambda c: float(v[c].mean()))  # lowest NLL = highest log-likelihood
@@ -540,7 +561,8 @@ class PrimeEvalLM(TemplateLM):
             "num_samples": 1 if getattr(self.est, "deterministic", False) else self.num_samples, "seed": self.seed,
             "crn": self.crn,
             "adaptive": ({"round_samples": self.round_samples, "max_samples": self.num_samples,
-                          "confidence": self.confidence, "target_se": self.target_se} if self.adaptive else None),
+                          "confidence": self.confidence, "target_se": self.target_se,
+                          "futility_after": self.futility_after} if self.adaptive else None),
             "model_name": self.name, "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
             "checkpoint_sha256": self._sha or None, "params": sum(p.numel() for p in self.net.parameters()),
             "max_length": self._max_length, "add_bos": self.add_bos, "rows_per_pass": self.rows_per_pass,

@@ -238,3 +238,26 @@ def test_common_random_numbers_share_the_document_seed(gpt2_tok):
     ind = MDMLM(model=net, tokenizer=gpt2_tok, samples=4, crn=False)
     ind.loglikelihood(reqs)
     assert ind.stats[0]["seed"] != ind.stats[1]["seed"]
+
+
+def test_adaptive_sampling_stops_settled_and_futile_documents(gpt2_tok):
+    net = TinyDenoiser("mdm", len(gpt2_tok), seed=2)
+    ctx = "Question: a\nAnswer:"
+    reqs = [Instance("loglikelihood", {}, (ctx, c), i, ("t", 0, 1))  # very different lengths: settles at once
+            for i, c in enumerate([" yes", " no no no no no no no no no no no no"])]
+    reqs += [Instance("loglikelihood", {}, (ctx + " b", c), i, ("t", 1, 1)) for i, c in enumerate([" yes", " no"])]
+    lm = MDMLM(model=net, tokenizer=gpt2_tok, samples=256, round_samples=16)
+    lm.loglikelihood(reqs)
+    by_doc = {(r["doc_id"], r["choice"]): r for r in lm.stats}
+    assert by_doc[(0, 0)]["stop"] == "settled" and by_doc[(0, 0)]["num_samples"] == 16
+    doc1 = by_doc[(1, 0)]  # a near tie on a random network: settled, futile (z·sqrt(cap/total) < 1) or the cap
+    assert doc1["stop"] in ("settled", "futile", "cap") and doc1["num_samples"] in (16, 32, 64, 128, 256)
+    assert doc1["stop"] != "futile" or doc1["num_samples"] >= 64
+    z = lm._ranking_z([{"_rounds": [torch.tensor([1.0, 2.0, 3.0])], "chars": 3},
+                       {"_rounds": [torch.tensor([1.0, 2.0, 3.0])], "chars": 3}])
+    assert z == 0.0  # an exact tie never settles
+    fixed = MDMLM(model=net, tokenizer=gpt2_tok, samples=32, adaptive=False)
+    fixed.loglikelihood(reqs)
+    assert all(r["num_samples"] == 32 and "stop" not in r for r in fixed.stats)
+    with pytest.raises(UserError, match="confidence"):
+        MDMLM(model=net, tokenizer=gpt2_tok, confidence=1.5)
