@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from prime_eval.errors import UserError
 from prime_eval.estimators.mdm import mask_exact_count, mask_independent, mask_levels, position_uniforms, sample_times
-from prime_eval.estimators.rows import Rows, stratified_uniform
+from prime_eval.estimators.rows import Rows
 from prime_eval.subtokenizer import SubTokenizer
 
 
@@ -235,4 +235,4 @@ def digit_marginals(st: SubTokenizer, log_probs: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["PrimeEstimator", "parse_chunk", "digit_marginals", "stratified_uniform"]
+__all__ = ["PrimeEstimator", "parse_chunk", "digit_marginals"]

@@ -42,7 +42,6 @@ class Estimate:
 
     values: torch.Tensor  # (K,) float64
     num_forward_rows: int
-    extra: dict = field(default_factory=dict)
     aggregate: object = None  # estimator-specific (values) -> (estimate, stderr); default: mean and its SE
 
     @property
