@@ -498,7 +498,8 @@ class PrimeEvalLM(TemplateLM):
             "loglikelihood": it["ll"], "mc_stderr": it["stderr"], "num_samples": it["num_samples"],
             "num_forward_rows": it["rows"], "greedy_forward_rows": it["greedy_rows"],
             "is_greedy": bool(it["is_greedy"]), "truncated_tokens": it["truncated"],
-            "continuation_tokens": it["n"], "estimator": self.est.name, "is_bound": bool(self.est.is_bound),
+            "continuation_tokens": it["n"], "estimator": self.est.name, "bound_kind": self.est.bound_kind,
+            "is_bound": bool(self.est.is_bound),
             "seed": it["seed"], **it.get("extra", {})})
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

@@ -636,7 +636,7 @@ def bound_vs_entropy(art: ModelArtifacts, settings: DemoSettings, data: Syntheti
             rows.append(row)
     for r in rows:  # a non-bound next to the valid bound of the same network
         valid = next((v for v in rows if v["family"] == r["family"] and v["estimator"] == "mc"), None)
-        if r["kind"] == "not_a_bound" and valid is not None:
+        if r["kind"] == "not_a_likelihood" and valid is not None:
             r["below_valid_bound"] = valid["nats_per_doc"] - r["nats_per_doc"]
             if r["gap"] >= -2 * r["gap_se"]:
                 r["verdict"] = (f"NOT a bound: {r['below_valid_bound']:.1f} nats/doc below the valid bound of the same "
@@ -798,7 +798,7 @@ def _demo_tables(summary: dict) -> list:
              rp.Cell(main="0"), rp.Cell(main=f"{H['bits_per_byte']:.4f}", unc=f"± {Z * H['bits_per_byte_se']:.4f}"),
              rp.Cell(main="—"), "the floor"]]
     what = {"exact": "exact likelihood", "upper_bound": "upper bound (NELBO)",
-            "exact_left_to_right": "exact NLL of its left-to-right process", "not_a_bound": "published, NOT a bound"}
+            "exact_left_to_right": "exact NLL of its left-to-right process", "not_a_likelihood": "published, NOT a bound"}
     for r in summary["bounds"]:
         prefix = "≤" if r["kind"] == "upper_bound" else ""
         rows.append([f"{r['label']}", r["estimator"], what.get(r["kind"], r["kind"]),
@@ -879,7 +879,7 @@ def _demo_plots(summary: dict) -> dict:
     ax.axvline(0, color="k", linewidth=1.2, label="true entropy: exact NLL of the same documents")
     for k, r in enumerate(rows):
         y = len(rows) - 1 - k
-        bad = r["kind"] == "not_a_bound"
+        bad = r["kind"] == "not_a_likelihood"
         ax.errorbar(r["gap"], y, xerr=Z * r["gap_se"], fmt="o", capsize=3,
                     color="#c44e52" if bad else colors[r["family"]])
     ax.set_yticks(range(len(rows)))

@@ -65,6 +65,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prime_eval import bound_kind as BK
 from prime_eval.errors import UserError
 from prime_eval.estimators import get_estimator
 from prime_eval.estimators.mdm import mask_independent
@@ -847,14 +848,7 @@ def evaluate_perplexity(net, tokenizer, source, protocol: Protocol | None = None
         "bootstrap": p.bootstrap, "batch_size": batch_size,
         "bytes_method": "offsets" if getattr(tokenizer, "is_fast", False) else "decoded-token lengths (approximate)",
     }
-    if est.family == "arm":
-        kind = "exact"
-    elif not est.is_bound:
-        kind = "not_a_bound"
-    elif getattr(est, "deterministic", False):
-        kind = "exact_left_to_right"
-    else:
-        kind = "upper_bound"
+    kind = est.bound_kind
     m = dict(model or {})
     m.setdefault("name", m.get("checkpoint") or type(net).__name__)
     m.setdefault("family", est.family)
@@ -862,7 +856,7 @@ def evaluate_perplexity(net, tokenizer, source, protocol: Protocol | None = None
     m.setdefault("checkpoint_sha256", None)
     m.setdefault("params", sum(t.numel() for t in net.parameters()))
     return {"kind": "prime-eval/ppl", "version": 1, "model": m, "protocol": protocol,
-            "is_bound": bool(est.is_bound) and kind != "exact_left_to_right", "bound_kind": kind,
+            "is_bound": BK.is_bound(kind), "bound_kind": kind,
             "results": res, "versions": package_versions()}
 
 
@@ -990,7 +984,7 @@ def summary_table(result: dict):
     r, pr, m = result["results"], result["protocol"], result["model"]
     le = "≤ " if result["bound_kind"] == "upper_bound" else ""
     title = f"perplexity · {m.get('name')} ({m.get('family')}, {pr['estimator']}"
-    title += ", NOT a bound)" if result["bound_kind"] == "not_a_bound" else ")"
+    title += ", NOT a bound: not a likelihood)" if not BK.is_likelihood(result["bound_kind"]) else ")"
     t = Table(title=title, show_header=True, header_style="bold")
     t.add_column("quantity")
     t.add_column("value", justify="right")

@@ -215,7 +215,7 @@ def test_legacy_joint_falls_below_the_valid_bound(wiki, tok):
                                            estimator_options={**opts, **extra}, batch_size=256,
                                            on_block=lambda b, v, n, vals=vals: vals.append(float(v.mean()))), vals)
     (rv, vv), (rl, vl) = per["mc"], per["legacy_joint"]
-    assert rv["bound_kind"] == "upper_bound" and rl["is_bound"] is False and rl["bound_kind"] == "not_a_bound"
+    assert rv["bound_kind"] == "upper_bound" and rl["is_bound"] is False and rl["bound_kind"] == "not_a_likelihood"
     assert "NOT a bound" in _render(rl) and "≤" in _render(rv)
     diff = torch.tensor(vv) - torch.tensor(vl)  # paired: same t and masks (same seed)
     assert float(diff.mean()) > 3 * float(diff.std() / math.sqrt(diff.numel()))

@@ -227,7 +227,7 @@ def main(args: argparse.Namespace) -> int:
     if not dist.is_main:
         return 0
     out.print(P.summary_table(result))
-    if not result["is_bound"] and result["bound_kind"] == "not_a_bound":
+    if result["bound_kind"] == "not_a_likelihood":
         err.print("[bold yellow]warning:[/] this estimator is NOT an upper bound on the NLL (legacy_joint): the "
                   "perplexity can be below the model's true perplexity")
     if args.output:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from prime_eval import bound_kind as BK
 from prime_eval.errors import UserError
 from prime_eval.estimators.rows import Rows
 
@@ -17,11 +18,12 @@ from prime_eval.estimators.rows import Rows
 class ARMEstimator:
     family = "arm"
     name = "exact"
+    bound_kind = BK.EXACT
     is_bound = True
     deterministic = True
 
     def config(self) -> dict:
-        return {"family": self.family, "estimator": self.name, "is_bound": True}
+        return {"family": self.family, "estimator": self.name, "bound_kind": self.bound_kind, "is_bound": True}
 
     def rows(self, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None,
              num_samples: int = 1) -> Rows:

@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from prime_eval import bound_kind as BK
 from prime_eval.errors import UserError
 from prime_eval.estimators.mdm import MDMEstimator
 from prime_eval.estimators.prime import PrimeEstimator
@@ -47,6 +48,7 @@ class IWEstimator:
     """IW_K over K orders. `base` is the valid `mc` estimator of the family (it supplies the marginals)."""
 
     deterministic = False
+    bound_kind = BK.UPPER_BOUND
     is_bound = True
     name = "iw"
 
@@ -63,7 +65,7 @@ class IWEstimator:
 
     def config(self) -> dict:
         cfg = self.base.config()
-        cfg.update(estimator="iw", proposal=self.proposal, tau=self.tau, is_bound=True)
+        cfg.update(estimator="iw", proposal=self.proposal, tau=self.tau, bound_kind=self.bound_kind, is_bound=True)
         return cfg
 
     def _n(self, target: torch.Tensor) -> int:

@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from prime_eval import bound_kind as BK
 from prime_eval.errors import UserError
 from prime_eval.estimators.rows import Rows, stratified_uniform
 
@@ -89,9 +90,17 @@ class MDMEstimator:
         self.name, self.mask_id, self.eps, self.T, self.cfg = name, mask_id, eps, T, float(cfg)
 
     @property
+    def bound_kind(self) -> str:
+        """What the mean is (`prime_eval.bound_kind`): CFG is not a likelihood; chain_rule is the exact NLL of the
+        left-to-right process; every other estimator is an upper bound (NELBO)."""
+        if self.cfg != 0.0:
+            return BK.NOT_A_LIKELIHOOD
+        return BK.EXACT_LEFT_TO_RIGHT if self.name == "chain_rule" else BK.UPPER_BOUND
+
+    @property
     def is_bound(self) -> bool:
-        """True when the mean is a valid likelihood quantity (an upper bound on NLL, or an exact NLL)."""
-        return self.cfg == 0.0
+        """True when the mean is an upper bound on the model's NLL."""
+        return BK.is_bound(self.bound_kind)
 
     @property
     def deterministic(self) -> bool:
@@ -99,7 +108,7 @@ class MDMEstimator:
 
     def config(self) -> dict:
         return {"family": self.family, "estimator": self.name, "eps": self.eps, "T": self.T, "cfg": self.cfg,
-                "is_bound": self.is_bound}
+                "bound_kind": self.bound_kind, "is_bound": self.is_bound}
 
     # -- masks ------------------------------------------------------------------------------------------------
     def masks(self, n: int, generator: torch.Generator, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from prime_eval import bound_kind as BK
 from prime_eval.errors import UserError
 from prime_eval.estimators.mdm import mask_exact_count, mask_independent, mask_levels, position_uniforms, sample_times
 from prime_eval.estimators.rows import Rows
@@ -81,8 +82,13 @@ class PrimeEstimator:
         return self._on_device[key]
 
     @property
+    def bound_kind(self) -> str:
+        """`prime_eval.bound_kind`: the published joint form is not a likelihood; the marginal forms are NELBOs."""
+        return BK.NOT_A_LIKELIHOOD if self.name == "legacy_joint" else BK.UPPER_BOUND
+
+    @property
     def is_bound(self) -> bool:
-        return self.name != "legacy_joint"
+        return BK.is_bound(self.bound_kind)
 
     deterministic = False
 
@@ -93,7 +99,7 @@ class PrimeEstimator:
                 "carry_over": self.carry_over, "eps": self.eps, "T": self.T, "cfg": self.cfg,
                 "temperature": self.temperature, "chunk": self.chunk,
                 "legacy_scope": self.legacy_scope if self.name == "legacy_joint" else None,
-                "is_bound": self.is_bound}
+                "bound_kind": self.bound_kind, "is_bound": self.is_bound}
 
     # -- masks over the n·ℓ target sub-tokens ------------------------------------------------------------------
     def masks(self, n_sub: int, generator: torch.Generator, k: int) -> tuple[torch.Tensor, torch.Tensor]:
