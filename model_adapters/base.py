@@ -500,6 +500,9 @@ class PrimeEvalLM(TemplateLM):
             "is_greedy": bool(it["is_greedy"]), "truncated_tokens": it["truncated"],
             "continuation_tokens": it["n"], "estimator": self.est.name, "bound_kind": self.est.bound_kind,
             "is_bound": bool(self.est.is_bound),
+            # the report's Monte Carlo term: zero where the number is deterministic (exact ARM, chain_rule, and every
+            # is_greedy check: argmax decoding / greedy unmasking draw no random numbers)
+            "deterministic": bool(getattr(self.est, "deterministic", False)), "is_greedy_deterministic": True,
             "seed": it["seed"], **it.get("extra", {})})
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
