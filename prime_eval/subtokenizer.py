@@ -7,6 +7,10 @@
 b = ceil(V^(1/ℓ)) when ℓ is given, ℓ = ceil(log_b V) when b is given; binary encoding is b=2, ℓ=ceil(log2 V).
 The b^ℓ - V codes c with π^{-1}(c) >= V are *invalid*: no token maps to them.
 
+The digit table Digits[c, j] = digit_j(π(c)) (V, ℓ) is the one home of two rules every caller shares:
+    consistency (carry-over, MDM-Prime v1):  c is consistent with visible digits y  ⇔  ∀ visible j: Digits[c, j] = y_j
+    digit marginals:                         p(y^j = v) = Σ_{c: Digits[c, j] = v} p̃(c)   (P @ digit_onehot())
+
 Permutation files (upstream): a torch-saved int64 tensor `perm` of length b^ℓ, encoding x -> perm[x].
 The lit_gpt (SlimPajama) release permutes ids [0, V) among themselves and leaves [V, b^ℓ) fixed; the megatron (C4)
 release permutes all b^ℓ codes.
@@ -73,6 +77,7 @@ class SubTokenizer:
         self.inv_perm[self.perm] = torch.arange(self.num_codes)
         self.powers = base ** torch.arange(ell - 1, -1, -1, dtype=torch.long)  # (ℓ,) b^(ℓ-1-j)
         self.digit_table = self.digits(self.perm[:vocab_size])  # (V, ℓ): Digits[c, j] = digit_j(π(c))
+        self._tables: dict = {}  # device -> digit_table there
 
     @property
     def is_identity(self) -> bool:
@@ -89,6 +94,30 @@ class SubTokenizer:
     def digits(self, codes: torch.Tensor) -> torch.Tensor:
         """(…,) codes -> (…, ℓ) base-b digits, most significant first."""
         return torch.div(codes.unsqueeze(-1), self.powers.to(codes.device), rounding_mode="floor") % self.base
+
+    def digit_table_on(self, device) -> torch.Tensor:
+        """`digit_table` (V, ℓ) on `device` (cached)."""
+        key = torch.device(device)
+        if key not in self._tables:
+            self._tables[key] = self.digit_table.to(key)
+        return self._tables[key]
+
+    def digit_onehot(self) -> torch.Tensor:
+        """(V, ℓ·b) float64 with onehot[c, j·b + v] = 1[Digits[c, j] = v]: P (N, V) @ onehot gives the per-digit
+        marginals p(y^j = v) = Σ_{c: Digits[c, j] = v} P[c]."""
+        onehot = torch.zeros(self.vocab_size, self.ell * self.base, dtype=torch.float64)
+        cols = self.digit_table + torch.arange(self.ell) * self.base
+        return onehot.scatter_(1, cols, 1.0)
+
+    def consistent(self, visible: torch.Tensor) -> torch.Tensor:
+        """Carry-over rule: (…, ℓ) visible digits (-1 where masked) -> (…, V) bool, True for the classes c with
+        Digits[c, j] = visible_j at every visible j (all classes where nothing is visible)."""
+        table = self.digit_table_on(visible.device)  # (V, ℓ)
+        ok = torch.ones(*visible.shape[:-1], self.vocab_size, dtype=torch.bool, device=visible.device)
+        for j in range(self.ell):
+            yj = visible[..., j, None]  # (…, 1)
+            ok &= (yj < 0) | (table[:, j] == yj)
+        return ok
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids (…, L) -> sub-token ids (…, L·ℓ), token-major."""

@@ -82,3 +82,40 @@ def test_encode_rejects_out_of_range_ids():
     st = SubTokenizer(100, ell=2)
     with pytest.raises(UserError, match="out of range"):
         st.encode(torch.tensor([100]))
+
+
+def test_consistency_rule_and_digit_onehot():
+    """The carry-over rule and the one-hot digit table, against their definitions (π shuffled)."""
+    st = SubTokenizer(20, base=3, perm=make_permutation(27, 20, seed=5))  # ℓ = 3
+    g = torch.Generator().manual_seed(0)
+    visible = torch.randint(-1, 3, (6, 4, 3), generator=g)  # (…, ℓ), -1 = masked
+    ok = st.consistent(visible)
+    assert ok.shape == (6, 4, 20)
+    for idx in torch.cartesian_prod(torch.arange(6), torch.arange(4)).tolist():
+        v = visible[idx[0], idx[1]]
+        want = [all(int(v[j]) < 0 or int(st.digit_table[c, j]) == int(v[j]) for j in range(3)) for c in range(20)]
+        assert ok[idx[0], idx[1]].tolist() == want
+    onehot = st.digit_onehot()
+    assert onehot.shape == (20, 9) and onehot.dtype == torch.float64
+    assert torch.equal(onehot.view(20, 3, 3).argmax(-1), st.digit_table) and torch.equal(onehot.sum(1),
+                                                                                          torch.full((20,), 3.0))
+
+
+def test_network_estimator_and_oracle_share_the_consistency_rule():
+    """v1 PerceiverDIT, the Prime estimator's carry-over and the oracle all allow exactly `SubTokenizer.consistent`."""
+    from prime_eval.estimators.prime import PrimeEstimator
+    from prime_eval.networks.mdlm_dit import DiTConfig, PerceiverDIT
+    from prime_eval.networks.toy import OracleDenoiser
+
+    cfg = DiTConfig(hidden_size=32, n_blocks=1, n_heads=2, cond_dim=8, length=16, vocab_size=50)
+    net = PerceiverDIT(cfg, ell=2, carry_over=True).eval()  # b = 8, identity π
+    st = SubTokenizer(50, ell=2)
+    x = torch.tensor([[8, 8, 3, 8, 6, 1, 8, 7]])  # masked digit = 8
+    visible = x.view(1, 4, 2).masked_fill(x.view(1, 4, 2) == 8, -1)
+    want = st.consistent(visible)[0]  # (L, V)
+    with torch.no_grad():
+        assert torch.equal(net(x)[0] > torch.finfo(torch.float32).min, want)
+    est = PrimeEstimator("mc", subtokenizer=st, carry_over=True)
+    assert torch.equal(torch.isfinite(est.log_probs(torch.zeros(4, 50), visible[0])), want)
+    oracle = OracleDenoiser(torch.full((50,), 1 / 50), st)
+    assert torch.equal(oracle(x)[0] > -1e29, want)

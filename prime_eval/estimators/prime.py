@@ -66,12 +66,9 @@ class PrimeEstimator:
         self.chunk = chunk
         self.legacy_scope = legacy_scope
         self.mask_id = subtokenizer.base
-        V, ell, b = subtokenizer.vocab_size, subtokenizer.ell, subtokenizer.base
         # onehot[c, j*b + v] = 1[digit_j(π(c)) = v]  (V, ℓ·b); ℓ = 1 uses a gather instead (b = V).
-        if ell > 1:
-            self.onehot = torch.zeros(V, ell * b, dtype=torch.float64)
-            cols = subtokenizer.digit_table + torch.arange(ell) * b
-            self.onehot.scatter_(1, cols, 1.0)
+        if subtokenizer.ell > 1:
+            self.onehot = subtokenizer.digit_onehot()
         self._on_device: dict = {}
 
     def _onehot(self, like: torch.Tensor) -> torch.Tensor:
@@ -162,24 +159,13 @@ class PrimeEstimator:
         return Rows(inputs=inputs, logits_at=score, num_samples=K // rps, data=data)
 
     def log_probs(self, logits: torch.Tensor, visible_digits: torch.Tensor | None) -> torch.Tensor:
-        """log p̃(c | y_t), (N, V) in the logits' dtype and device; with carry-over restricted to tokens consistent with visible digits.
+        """log p̃(c | y_t), (N, V) in the logits' dtype and device; with carry-over restricted to the classes
+        consistent with the visible digits (`SubTokenizer.consistent`).
 
         visible_digits: (N, ℓ) digit or -1 where masked.
         """
         if self.carry_over and visible_digits is not None:
-            d = self.st.digit_table.to(logits.device)  # (V, ℓ)
-            visible_digits = visible_digits.to(logits.device)
-            vis = visible_digits >= 0
-            # consistent(c) = ∀ visible j: Digits[c, j] = y_j   (N, V) via one matmul over one-hot digits
-            if self.st.ell > 1:
-                b = self.st.base
-                u = torch.zeros(visible_digits.shape[0], self.st.ell * b, dtype=logits.dtype, device=logits.device)
-                cols = visible_digits.clamp_min(0) + torch.arange(self.st.ell, device=logits.device) * b
-                u.scatter_(1, cols, vis.to(logits.dtype))
-                matches = u @ self._onehot(logits).T  # (N, V) number of visible digits matched
-                consistent = matches >= vis.sum(1, keepdim=True).to(logits.dtype) - 0.5
-            else:
-                consistent = (d[None, :, 0] == visible_digits[:, :1]) | ~vis[:, :1]
+            consistent = self.st.consistent(visible_digits.to(logits.device))  # (N, V)
             logits = logits.masked_fill(~consistent, float("-inf"))
         return F.log_softmax(logits, dim=-1)
 

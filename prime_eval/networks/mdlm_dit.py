@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from prime_eval.subtokenizer import SubTokenizer, base_from_ell
+
 # hydra `configs/model/*.yaml`: name -> (hidden_size, n_blocks, n_heads, cond_dim, length)
 DIT_CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
     "tiny": (512, 8, 8, 128, 1024),
@@ -298,7 +300,7 @@ class PerceiverDIT(_DiTBase):
 
     carry_over=True reproduces upstream's carry-over parameterisation: classes whose digit disagrees with an observed
     (unmasked) input digit get the most negative finite logit (upstream: −∞; finite keeps rows NaN-free), so a
-    log-softmax renormalises over the consistent classes only.
+    log-softmax renormalises over the consistent classes only. The rule is `SubTokenizer.consistent` (identity π).
     """
 
     family = "prime"
@@ -306,7 +308,7 @@ class PerceiverDIT(_DiTBase):
     def __init__(self, config: DiTConfig, ell: int, base: int | None = None, carry_over: bool = False):
         V = config.vocab_size
         if base is None:
-            base = math.ceil(round(V ** (1.0 / ell), 9))
+            base = base_from_ell(V, ell)
         if config.hidden_size % ell:
             raise ValueError(f"hidden_size={config.hidden_size} is not divisible by ell={ell}")
         if base ** ell < V:
@@ -314,6 +316,7 @@ class PerceiverDIT(_DiTBase):
         super().__init__(config, embed_rows=base + 1, embed_dim=config.hidden_size // ell, out_classes=V)
         self.ell, self.base, self.mask_id = ell, base, base
         self.carry_over = carry_over
+        self._subtokenizer: SubTokenizer | None = None  # built on first use (the network may be built on "meta")
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape
@@ -321,19 +324,18 @@ class PerceiverDIT(_DiTBase):
             raise ValueError(f"input length {T} is not a multiple of ell={self.ell}")
         return self.vocab_embed(idx).reshape(B, T // self.ell, -1)  # (B, L·ℓ, d/ℓ) -> (B, L, d)
 
-    def digit_table(self, device) -> torch.Tensor:
-        """(V, ℓ) big-endian base-b digits of every class id."""
-        powers = self.base ** torch.arange(self.ell - 1, -1, -1, device=device)  # (ℓ,)
-        return (torch.arange(self.vocab_size, device=device)[:, None] // powers) % self.base
+    @property
+    def subtokenizer(self) -> SubTokenizer:
+        """f_ℓ of v1: base-b digits of the raw token id (no index shuffling)."""
+        if self._subtokenizer is None:
+            self._subtokenizer = SubTokenizer(self.vocab_size, ell=self.ell, base=self.base)
+        return self._subtokenizer
 
     def apply_carry_over(self, logits, idx, logits_at):
         B, T = idx.shape
         digits_in = idx.view(B, T // self.ell, self.ell)  # (B, L, ℓ)
         if logits_at is not None:
             digits_in = digits_in[logits_at.to(idx.device)]  # (N, ℓ)
-        table = self.digit_table(idx.device)  # (V, ℓ)
-        ok = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)  # (..., V)
-        for j in range(self.ell):
-            dj = digits_in[..., j, None]  # (..., 1)
-            ok &= (dj == self.mask_id) | (dj == table[:, j])
-        return logits.masked_fill(~ok, torch.finfo(logits.dtype).min)
+        visible = digits_in.masked_fill(digits_in == self.mask_id, -1)  # (…, ℓ), -1 where masked
+        ok = self.subtokenizer.consistent(visible)  # (…, V)
+        return logits.masked_fill(~ok.to(logits.device), torch.finfo(logits.dtype).min)

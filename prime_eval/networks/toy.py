@@ -85,9 +85,7 @@ class OracleDenoiser(nn.Module):
         y = idx.view(B, -1, ell)  # (B, L, ℓ)
         lp = self.log_probs.expand(B, y.shape[1], -1)
         if self.family == "prime":
-            d = self.st.digit_table.to(idx.device)  # (V, ℓ)
-            vis = y != self.mask_id
-            ok = ((d[None, None] == y[:, :, None, :]) | ~vis[:, :, None, :]).all(-1)  # (B, L, V)
+            ok = self.st.consistent(y.masked_fill(y == self.mask_id, -1))  # (B, L, V)
             lp = lp.masked_fill(~ok, -1e30)
         out = lp if logits_at is None else lp[logits_at]
         return out  # float64: exact enough for audits
