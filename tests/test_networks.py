@@ -33,12 +33,15 @@ def _to_llama(net: lit_gpt._LitBase, *, causal: bool):
     H, g, hs, d = cfg.n_head, cfg.n_query_groups, cfg.head_size, cfg.n_embd
     hc = LlamaConfig(vocab_size=cfg.padded_vocab_size, hidden_size=d, intermediate_size=cfg.intermediate_size,
                      num_hidden_layers=cfg.n_layer, num_attention_heads=H, num_key_value_heads=g,
-                     rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.block_size, tie_word_embeddings=False,
+                     rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.block_size,
+                     tie_word_embeddings=cfg.tie_embeddings,
                      rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_base)})
     hc._attn_implementation = "eager"
     hf = LlamaForCausalLM(hc).eval()
     sd, q = net.state_dict(), H // g
-    new = {"lm_head.weight": sd["lm_head.weight"], "model.norm.weight": sd["transformer.ln_f.weight"]}
+    new = {"model.norm.weight": sd["transformer.ln_f.weight"]}
+    if not cfg.tie_embeddings:
+        new["lm_head.weight"] = sd["lm_head.weight"]
     new["model.embed_tokens.weight"] = (sd["transformer.wte.weight"] if causal
                                         else hf.model.embed_tokens.weight.detach())  # encoder embeds itself
     for i in range(cfg.n_layer):
@@ -53,7 +56,7 @@ def _to_llama(net: lit_gpt._LitBase, *, causal: bool):
         new[o + "mlp.down_proj.weight"] = sd[p + "mlp.swiglu.w3.weight"]
         new[o + "input_layernorm.weight"] = sd[p + "norm_1.weight"]
         new[o + "post_attention_layernorm.weight"] = sd[p + "norm_2.weight"]
-    hf.load_state_dict(new, strict=True)
+    hf.load_state_dict(new, strict=not cfg.tie_embeddings)  # tied: lm_head.weight is embed_tokens.weight
     return hf
 
 
@@ -66,6 +69,29 @@ def test_gpt_equals_llama_for_causal_lm(n_query_groups):
         ours, ref = net(x), hf(x).logits[..., :100]
     assert ours.shape == (2, 24, 100)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_tied_gpt_equals_tied_llama_and_counts_the_head_once():
+    cfg = Config(**TINY, n_query_groups=2, rope_bf16=False, rope_base=100000, tie_embeddings=True)
+    net = _randomise(GPT(cfg))
+    assert "lm_head.weight" not in net.state_dict()
+    hf = _to_llama(net, causal=True)
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in hf.parameters())
+    x = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), hf(x).logits[..., :100], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="ARM"):
+        TransEncoder(cfg)
+
+
+@pytest.mark.parametrize("rows,n_embd,n_head,g", [(3 * 64, 64, 4, 4), (128, 64, 4, 2), (96, 64, 4, 1),
+                                                  (15 * 8, 72, 9, 3), (192, 64, 5, None), (130, 64, 4, None),
+                                                  (64, 64, 4, None), (168, 72, 6, None)])
+def test_query_groups_from_qkv_rows(rows, n_embd, n_head, g):
+    """g = (rows/hs − H)/2 with hs = d/H; None where no g ≥ 1 dividing H fits (64 rows, 4 heads: g = 0; 168 rows,
+    6 heads of 12: g = 4 does not divide 6; 5 heads do not divide d = 64)."""
+    assert lit_gpt.query_groups_from_qkv_rows(rows, n_embd, n_head) == g
 
 
 @pytest.mark.parametrize("ell", [1, 7])

@@ -4,7 +4,8 @@
 Written from the description in `shared/reference/checkpoint-formats.md` §1 (upstream: `lit_gpt/model.py` and
 `lit_gpt/diffmodel.py` of ML-GSAI/SMDM and chen-hao-chao/mdm-prime-v2). Only the variant every `Diff_LLaMA_*M`
 config uses is implemented: pre-norm sequential blocks, RMSNorm (eps 1e-5), no biases, SwiGLU MLP, full-head
-GPT-NeoX-style RoPE, group-interleaved fused q/k/v, untied `lm_head`. Module attribute names are the upstream
+GPT-NeoX-style RoPE, group-interleaved fused q/k/v, untied `lm_head` (`tie_embeddings=True`: an ARM whose output
+layer is `wte`, for Llama-architecture models converted to this layout). Module attribute names are the upstream
 state-dict keys, so released files load with `strict=True`:
 
     transformer.wte.weight                  ARM (V_pad, d) | MDM (V_pad + 1, d) | Prime ((b+1)·ℓ, d)
@@ -16,7 +17,7 @@ state-dict keys, so released files load with `strict=True`:
     transformer.h.{i}.mlp.swiglu.w2.weight  (I, d)   up
     transformer.h.{i}.mlp.swiglu.w3.weight  (d, I)   down
     transformer.ln_f.weight                 (d,)
-    lm_head.weight                          (V_pad, d)
+    lm_head.weight                          (V_pad, d)   absent with tie_embeddings (the head is wte)
 
 The lit_gpt ARM is the Llama architecture; `tests/test_networks.py` checks it against transformers' `LlamaForCausalLM`.
 """
@@ -28,6 +29,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from prime_eval.subtokenizer import base_from_ell
 
 # name -> (n_layer, n_embd, n_head, intermediate_size, non-embedding params (blocks + ln_f) used upstream for FLOPs)
 # n_query_groups = n_head (plain MHA) in every config; block_size 2048, vocab 32000.
@@ -86,6 +89,8 @@ class Config:
     # Upstream builds the cos/sin table in fp32 and rounds it to bf16 (always, even for fp32 runs). True reproduces
     # the released models' arithmetic; False keeps fp32 tables (what transformers' Llama does). Difference ~1e-3 rel.
     rope_bf16: bool = True
+    # ARM only: the output layer is the input embedding `wte` (no `lm_head.weight`), as in tied HF Llama models.
+    tie_embeddings: bool = False
 
     def __post_init__(self):
         if self.n_query_groups is None:
@@ -118,6 +123,20 @@ class Config:
         """n_layer·(d·(H+2g)·hs + d·H·hs + 3·d·I + 2·d) + d: the count the upstream FLOPs table uses."""
         d, hs, H, g, inter = self.n_embd, self.head_size, self.n_head, self.n_query_groups, self.intermediate_size
         return self.n_layer * (d * (H + 2 * g) * hs + d * H * hs + 3 * d * inter + 2 * d) + d
+
+
+def query_groups_from_qkv_rows(rows: int, n_embd: int, n_head: int) -> int | None:
+    """n_query_groups g from the fused q/k/v rows (H + 2g)·hs with hs = n_embd / H: g = (rows/hs − H)/2.
+
+    None when no g ≥ 1 dividing H fits (then n_head, or the layout, is wrong).
+    """
+    if n_head < 1 or n_embd % n_head:
+        return None
+    hs = n_embd // n_head
+    if rows % hs or (rows // hs - n_head) % 2:
+        return None
+    g = (rows // hs - n_head) // 2
+    return g if g >= 1 and n_head % g == 0 else None
 
 
 def find_config(n_layer: int, n_embd: int, intermediate_size: int) -> str | None:
@@ -256,7 +275,8 @@ class _LitBase(nn.Module):
     def __init__(self, config: Config, wte_rows: int):
         super().__init__()
         self.config = config
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if not config.tie_embeddings:
+            self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(wte_rows, config.n_embd),
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
@@ -293,11 +313,13 @@ class _LitBase(nn.Module):
         x = self.transformer.ln_f(x)  # (B, L, d)
         if logits_at is not None:
             x = x[logits_at.to(x.device)]  # (N, d)
-        return F.linear(x, self.lm_head.weight[: self.vocab_size]).float()  # (B, L, V) | (N, V)
+        head = self.transformer.wte if self.config.tie_embeddings else self.lm_head
+        return F.linear(x, head.weight[: self.vocab_size]).float()  # (B, L, V) | (N, V)
 
 
 class GPT(_LitBase):
-    """ARM: causal attention; `wte` (V_pad, d); logits at position p predict token p+1."""
+    """ARM: causal attention; `wte` (V_pad, d); logits at position p predict token p+1. With
+    `config.tie_embeddings` the output layer is `wte` (no `lm_head`)."""
 
     family = "arm"
     causal = True
@@ -318,9 +340,12 @@ class TransEncoder(_LitBase):
     causal = False
 
     def __init__(self, config: Config, ell: int = 1, base: int | None = None):
+        if config.tie_embeddings:
+            raise ValueError("tie_embeddings applies to the ARM (GPT) only: the encoder's wte holds a mask row or "
+                             "sub-token digits, so it cannot be the output layer")
         if ell > 1:
             if base is None:
-                base = math.ceil(round(config.vocab_size ** (1.0 / ell), 9))
+                base = base_from_ell(config.vocab_size, ell)
             if base ** ell < config.vocab_size:
                 raise ValueError(f"base={base}, ell={ell} give {base ** ell} codes < vocab_size={config.vocab_size}")
             rows = (base + 1) * ell
