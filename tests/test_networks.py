@@ -50,12 +50,7 @@ def _to_llama(net: lit_gpt._LitBase, *, causal: bool):
         new[o + "self_attn.q_proj.weight"] = W[:, :q].reshape(H * hs, d)
         new[o + "self_attn.k_proj.weight"] = W[:, q].reshape(g * hs, d)
         new[o + "self_attn.v_proj.weight"] = W[:, q + 1].reshape(g * hs, d)
-        new[o + "self_attn.o_proj.weight"] = sd[p + "attn.proj.weight"]
-        new[o + "mlp.gate_proj.weight"] = sd[p + "mlp.swiglu.w1.weight"]
-        new[o + "mlp.up_proj.weight"] = sd[p + "mlp.swiglu.w2.weight"]
-        new[o + "mlp.down_proj.weight"] = sd[p + "mlp.swiglu.w3.weight"]
-        new[o + "input_layernorm.weight"] = sd[p + "norm_1.weight"]
-        new[o + "post_attention_layernorm.weight"] = sd[p + "norm_2.weight"]
+        new.update({o + hf_name: sd[p + lit] for lit, hf_name in lit_gpt.LLAMA_BLOCK_KEYS.items()})
     hf.load_state_dict(new, strict=not cfg.tie_embeddings)  # tied: lm_head.weight is embed_tokens.weight
     return hf
 

@@ -8,7 +8,9 @@ DESCRIPTION = """\
 Describe a checkpoint without loading its weights: the architecture and family the loader detects (ARM, MDM,
 MDM-Prime), the config name or dimensions, parameter count, vocabulary size, mask id, sub-token length ℓ and base b,
 whether a token permutation file is needed, and whether EMA weights are present. Shapes decide what they can; the
-options supply the rest (for instance n_head of a lit_gpt model that matches no Diff_LLaMA config).
+options supply the rest (for instance n_head of a lit_gpt model that matches no Diff_LLaMA config). Every config
+field the checkpoint does not determine is listed: "inferred" (from the shapes, a config.json or a release layout,
+with the evidence) and "ASSUMED" (a default nothing in the checkpoint confirms, with how to override it).
 
 Supported: lit_gpt `.pth` / `.safetensors` (SMDM, MDM-Prime-v2 SlimPajama), MDLM / MDM-Prime v1 Lightning `.ckpt`,
 Hugging Face model directories and hub ids (see docs/checkpoints.md)."""
@@ -19,6 +21,7 @@ examples:
   prime-eval inspect mdm-1028M-3300e18-rsl-0.01-bs-1024.safetensors --json
   prime-eval inspect text/owt/results_prime_l2_co_owt/checkpoint.ckpt
   prime-eval inspect tiny.safetensors --config 'n_head=4' --family prime --ell 7
+  prime-eval inspect smollm-lit.safetensors --config 'n_head=9;rope_base=100000'   # a Llama converted to lit_gpt
   prime-eval inspect model.safetensors --tokenizer ../shared/data/tokenizers/llama2   # also checks the vocabulary
 """
 
@@ -35,7 +38,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--format", help="architecture (lit_gpt, mdlm, hf) or container (torch, safetensors, lightning); "
                                     "default: detected")
     p.add_argument("--config", help="config name (Diff_LLaMA_1028M, 1028, small) or field overrides 'k=v;k=v' "
-                                    "(e.g. 'n_head=4;vocab_size=100')")
+                                    "(e.g. 'n_head=4;vocab_size=100'; lit_gpt also n_query_groups, rope_base, "
+                                    "rope_bf16, norm_eps, block_size, tie_embeddings)")
     p.add_argument("--ell", type=int, help="sub-tokens per token ℓ, where the shapes are ambiguous")
     p.add_argument("--base", type=int, help="sub-token base b, where the shapes are ambiguous")
     p.add_argument("--carry-over", dest="carry_over", choices=["true", "false"],
@@ -105,5 +109,11 @@ def _print_table(info: dict) -> None:
             table.add_row(k, _fmt(v))
     console = Console()
     console.print(table)
+    dims = info.get("dims") or {}
+    for field, why in (info.get("inferred") or {}).items():
+        console.print(f"[green]inferred:[/green] {field} = {_fmt(dims.get(field))}  ({why})", highlight=False)
+    for field, why in (info.get("assumed") or {}).items():
+        console.print(f"[bold yellow]ASSUMED:[/bold yellow] {field} = {_fmt(dims.get(field, info.get(field)))}  "
+                      f"({why})", highlight=False)
     for note in info["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")

@@ -68,6 +68,19 @@ DIFF_LLAMA_CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
 }
 
 
+# Per-block keys and their transformers `LlamaForCausalLM` names (`model.layers.{i}.` + name); the fused
+# `attn.attn` is q_proj / k_proj / v_proj interleaved per query group (module docstring), `transformer.wte` is
+# `model.embed_tokens`, `transformer.ln_f` is `model.norm`, `lm_head` is `lm_head`.
+LLAMA_BLOCK_KEYS = {
+    "attn.proj.weight": "self_attn.o_proj.weight",
+    "mlp.swiglu.w1.weight": "mlp.gate_proj.weight",
+    "mlp.swiglu.w2.weight": "mlp.up_proj.weight",
+    "mlp.swiglu.w3.weight": "mlp.down_proj.weight",
+    "norm_1.weight": "input_layernorm.weight",
+    "norm_2.weight": "post_attention_layernorm.weight",
+}
+
+
 @dataclass
 class Config:
     """lit_gpt `Config`, restricted to the fields the Diff_LLaMA models use (defaults = every Diff_LLaMA config)."""
