@@ -82,8 +82,8 @@ def test_unreadable_checkpoint(files, capsys, ckpt, needles):
 
 @pytest.mark.parametrize("model", ["arm", "prime"])
 def test_checkpoint_of_another_family(files, capsys, model):
-    assert_user_error(*run(score(files, model, mdm_args(files)), capsys), f"--family {model} does not fit",
-                      "it looks like family 'mdm'")
+    assert_user_error(*run(score(files, model, mdm_args(files)), capsys), f"`--model {model}` on score",
+                      "does not fit", "it looks like family 'mdm'")
 
 
 @pytest.mark.parametrize("perm, needle", [("perm_short.pt", "length 100 but b^ℓ = 50625 codes are needed"),
