@@ -211,7 +211,8 @@ def _llama_to_lit_gpt(hf) -> dict:
     H, g, d = c.num_attention_heads, c.num_key_value_heads, c.hidden_size
     hs, q = d // H, H // g
     sd = hf.state_dict()
-    out = {"transformer.wte.weight": sd["model.embed_tokens.weight"], "transformer.ln_f.weight": sd["model.norm.weight"]}
+    out = {"transformer.wte.weight": sd["model.embed_tokens.weight"],
+           "transformer.ln_f.weight": sd["model.norm.weight"]}
     for i in range(c.num_hidden_layers):
         o, p = f"model.layers.{i}.", f"transformer.h.{i}."
         wq = sd[o + "self_attn.q_proj.weight"].view(g, q, hs, d)

@@ -7,7 +7,7 @@
 | module | holds |
 |---|---|
 | `containers.py` | reading files, folders and hub ids: keys, shapes, dtypes, hyper-parameters, streamed tensors |
-| `unpickle.py` | the stub unpickler for Lightning `.ckpt` files (no omegaconf / transformers / Lightning, no code run) |
+| `unpickle.py` | the stub unpickler for Lightning `.ckpt` (no omegaconf / transformers / Lightning; no code run) |
 | `spec.py` | `Spec`: what will be built, with the inferred and assumed config fields |
 | `detect.py` | the architecture from key names; dispatch to `detect_lit_gpt.py` / `detect_mdlm.py` |
 | `load.py` | build on meta, strict key/shape check with hints, `load_network`, `inspect_checkpoint`, the `info` dict |

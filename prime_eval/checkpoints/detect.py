@@ -53,8 +53,8 @@ def detect(src: Source, *, family=None, arch=None, config=None, ell=None, base=N
     if arch == "mdlm":
         return detect_mdlm(src, family, config, ell, base, carry_over)
     if family not in (None, "arm"):
-        raise UserError(f"{src.path} is a Hugging Face causal LM (its weights carry neither lit_gpt nor MDLM DiT keys): "
-                        f"transformers' AutoModelForCausalLM models are ARMs, so {family_option(family)} does not "
+        raise UserError(f"{src.path} is a Hugging Face causal LM (its weights carry neither lit_gpt nor MDLM DiT "
+                        f"keys): transformers' AutoModelForCausalLM models are ARMs, so {family_option(family)} does not "
                         "fit; use arm.")
     hp = src.hparams or {}
     vs = config.get("vocab_size") if isinstance(config, Mapping) else None

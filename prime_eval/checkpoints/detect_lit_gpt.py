@@ -85,7 +85,7 @@ def detect_lit_gpt(src: Source, family, config, ell, base) -> Spec:
         name, user = named.name, {}
         cfg_fields.update(n_layer=named.n_layer, n_embd=named.n_embd, n_head=named.n_head,
                           n_query_groups=named.n_query_groups, intermediate_size=named.intermediate_size)
-        inferred["n_head"] = f"the {name} config you named"
+        inferred["n_head"] = inferred["n_query_groups"] = f"the {name} config you named"
     else:
         user = asdict(config) if is_dataclass(config) else dict(config or {})
         check_fields(lit_gpt.Config, user)
