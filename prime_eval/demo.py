@@ -43,6 +43,7 @@ lossless) and text ↔ words too (`prime_eval.synthetic`), so H(doc) is the same
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -327,6 +328,28 @@ def train_network(family: str, settings: DemoSettings, docs: list[list[int]], bo
                   *, st=None, progress=None, init: dict | None = None) -> tuple[object, dict]:
     """Train one network for `settings.train[family].steps` steps (deterministic given the seed); `init`: an ARM
     state dict to start from (`warm_start`)."""
+    with _training_threads():
+        return _train_network(family, settings, docs, bos, eos, max_len, st=st, progress=progress, init=init)
+
+
+@contextlib.contextmanager
+def _training_threads():
+    """Training runs on one intra-op thread, whatever `--threads` says: a reduction split over 2 threads adds in
+    another order, and 600+ optimizer steps amplify the last-bit differences into different weights (measured:
+    1 vs 2 threads give different checkpoints). With one thread the weights depend only on the seed (and the
+    machine's float kernels)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_network(family: str, settings: DemoSettings, docs: list[list[int]], bos: int, eos: int, max_len: int,
+                   *, st=None, progress=None, init: dict | None = None) -> tuple[object, dict]:
     import torch
 
     spec: TrainSpec = settings.train[family]
@@ -440,7 +463,7 @@ def ensure_models(settings: DemoSettings, data: SyntheticData, cache_dir: Path, 
         return ModelArtifacts(folder, tok_dir, ckpts, perm_path, meta["max_len"], meta, True,
                               length_model(token_docs, meta["max_len"]))
     folder.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # BPE training on one thread: the same merges every run
     t0 = time.perf_counter()
     tokenizer = train_tokenizer(data.train.texts, settings.vocab_size, tok_dir)
     tok_seconds = time.perf_counter() - t0

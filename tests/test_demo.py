@@ -134,6 +134,35 @@ def test_training_is_deterministic():
             assert torch.equal(va, vb), (fam, k)
 
 
+def test_training_does_not_depend_on_the_thread_count():
+    """`prime-eval demo --threads 2` (or a machine whose torch defaults to 2 threads) trains the same weights as one
+    thread: 1 vs 2 intra-op threads used to give different checkpoints, so `make demo` did not reproduce the
+    committed report."""
+    import dataclasses
+
+    from prime_eval.demo import TrainSpec, default_settings, train_network
+    from prime_eval.subtokenizer import SubTokenizer, make_permutation
+
+    s = default_settings(5, quick=True)
+    s = dataclasses.replace(s, train={f: TrainSpec(steps=3, batch_size=32) for f in ("arm", "mdm", "prime")})
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, s.vocab_size, size=int(rng.integers(20, 60))).tolist() for _ in range(64)]
+    st = SubTokenizer(s.vocab_size, base=2, perm=make_permutation(2 ** 9, s.vocab_size, seed=1))
+    before = torch.get_num_threads()
+    try:
+        for fam in ("arm", "mdm", "prime"):
+            weights = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                net, _ = train_network(fam, s, docs, 0, 0, 64, st=st if fam == "prime" else None)
+                weights.append(net.state_dict())
+                assert torch.get_num_threads() == threads  # restored after training
+            for k in weights[0]:
+                assert torch.equal(weights[0][k], weights[1][k]), (fam, k)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cli_registers_demo():
     from prime_eval.cli import build_parser
 
