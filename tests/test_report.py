@@ -1,6 +1,7 @@
-"""Tests of the report builder: interval arithmetic against hand-computed values, golden Markdown/CSV/LaTeX on real
-lm-eval runs of tiny models (tests/fixtures/report/runs, made by make_fixtures.py), the parsed HTML, and the HTML
-rendered by headless Chromium.
+"""Tests of the report builder: the per-document Monte Carlo model against hand-computed values, golden
+Markdown/CSV/LaTeX on real lm-eval runs of tiny models (tests/fixtures/report/runs, made by make_fixtures.py), one row
+per run, intervals inside their range, what each number is, the parsed HTML, and the HTML rendered by headless
+Chromium. (The interval formulas themselves: tests/test_intervals.py.)
 
 Regenerate the golden files after an intended change with PRIME_EVAL_UPDATE_GOLDEN=1 (then review the diff).
 """
@@ -14,11 +15,13 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
+from prime_eval import intervals
 from prime_eval import report as rp
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "report"
@@ -28,40 +31,18 @@ META = FIX / "meta.yaml"
 
 
 def phi(x: float) -> float:
-    """Reference Φ from the standard library (independent of rp.normal_cdf)."""
+    """Reference Φ from the standard library."""
     return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Interval arithmetic: hand-computed cases
+# The Monte Carlo model of a document's correctness: hand-computed cases
 # ---------------------------------------------------------------------------------------------------------------
-
-def test_normal_cdf_and_ci95():
-    assert float(rp.normal_cdf(0.0)) == pytest.approx(0.5, abs=1e-12)
-    assert float(rp.normal_cdf(1.959963984540054)) == pytest.approx(0.975, abs=2e-7)
-    assert float(rp.normal_cdf(-1.0)) == pytest.approx(0.1586552539, abs=2e-7)
-    lo, hi = rp.ci95(0.5, 0.1)
-    assert (lo, hi) == pytest.approx((0.3040036015, 0.6959963985), abs=1e-9)
-
-
-def test_binomial_se_matches_lm_eval_stderr():
-    # 5 of 20 correct: sd(ddof=1)/sqrt(n) = sqrt(0.25*0.75/19) = 0.0993399
-    assert rp.binomial_se(0.25, 20) == pytest.approx(math.sqrt(0.1875 / 19), rel=1e-12)
-    res = json.loads(next((RUNS / "arm-tiny-a").glob("results_*.json")).read_text())["results"]["arc_easy"]
-    assert rp.binomial_se(res["acc,none"], 20) == pytest.approx(res["acc_stderr,none"], rel=1e-12)
-
-
-def test_combine_and_average_se():
-    assert rp.combine_se(3.0, 4.0) == 5.0
-    assert rp.combine_se(0.1) == pytest.approx(0.1)
-    assert rp.average_se([0.1, 0.1, 0.1, 0.1]) == pytest.approx(0.05)   # sqrt(4*0.01)/4
-    assert rp.average_se([0.3, 0.4]) == pytest.approx(0.25)              # 0.5/2
-
 
 def test_prob_correct_two_choices_closed_form():
     # Δ = 1, sqrt(0.6² + 0.8²) = 1  ->  Φ(1) = 0.841345
-    assert rp.prob_correct([-10.0, -11.0], [0.6, 0.8], 0) == pytest.approx(phi(1.0), abs=2e-7)
-    assert rp.prob_correct([-10.0, -11.0], [0.6, 0.8], 1) == pytest.approx(phi(-1.0), abs=2e-7)
+    assert rp.prob_correct([-10.0, -11.0], [0.6, 0.8], 0) == pytest.approx(phi(1.0), abs=1e-12)
+    assert rp.prob_correct([-10.0, -11.0], [0.6, 0.8], 1) == pytest.approx(phi(-1.0), abs=1e-12)
     assert rp.prob_correct([-1.0, -2.0], [0.0, 0.0], 0) == 1.0            # exact scores: no MC noise
     assert rp.prob_correct([-1.0, -2.0], [0.0, 0.0], 1) == 0.0
 
@@ -83,23 +64,18 @@ def test_mc_variance():
 
 
 def test_paired_difference():
-    # d = [1, 0, 1, 0]: mean 0.5, var(ddof=1) = 1/3, SE = sqrt(1/3 / 4) = 0.288675
+    # d = [1, 0, 1, 0]: mean 0.5, var(ddof=1) = 1/3, SE = sqrt(1/3 / 4); interval: Tango's with b = 2, c = 0, n = 4
     diff, se, lo, hi = rp.paired_difference([1, 1, 1, 0], [0, 1, 0, 0])
     assert diff == 0.5 and se == pytest.approx(math.sqrt(1 / 12))
-    assert (lo, hi) == pytest.approx((0.5 - 1.959964 * se, 0.5 + 1.959964 * se), abs=1e-6)
-    assert not rp.excludes_zero(lo, hi)
-    # with MC variances 0.01 and 0.02: SE = sqrt(1/12 + 0.03) = 0.336650
-    assert rp.paired_difference([1, 1, 1, 0], [0, 1, 0, 0], 0.01, 0.02)[1] == pytest.approx(0.3366501646)
+    assert (lo, hi) == intervals.paired_difference_interval(2, 0, 4)
+    assert -1.0 <= lo < 0.5 < hi <= 1.0 and not rp.excludes_zero(lo, hi)
+    # with MC variances 0.01 and 0.02: SE = sqrt(1/12 + 0.03); the interval widens
+    d2, se2, lo2, hi2 = rp.paired_difference([1, 1, 1, 0], [0, 1, 0, 0], 0.01, 0.02)
+    assert se2 == pytest.approx(0.3366501646) and lo2 < lo and hi2 > hi
     d, se, lo, hi = rp.paired_difference([1] * 30, [1] * 10 + [0] * 20)
-    assert d == pytest.approx(2 / 3) and rp.excludes_zero(lo, hi)
+    assert d == pytest.approx(2 / 3) and rp.excludes_zero(lo, hi) and hi <= 1.0
     with pytest.raises(ValueError):
         rp.paired_difference([1], [0])
-
-
-def test_ppl_interval():
-    p, lo, hi = rp.ppl_interval(2.0, 0.1)
-    assert p == pytest.approx(math.exp(2.0))
-    assert (lo, hi) == pytest.approx((math.exp(2.0 - 0.1959964), math.exp(2.0 + 0.1959964)), rel=1e-6)
 
 
 def test_metric_choice():
@@ -140,19 +116,319 @@ def _csv(path: Path) -> list[dict]:
     return list(csv.DictReader(io.StringIO(path.read_text())))
 
 
+def _section(md: str, title: str) -> str:
+    """The Markdown of one table (from its heading to the next)."""
+    return md.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _rows(section: str) -> str:
+    """The table rows of a section (no caption, no footnotes)."""
+    return "\n".join(line for line in section.splitlines() if line.startswith("| "))
+
+
 def test_accuracy_matches_lm_eval_outputs(built):
-    """Each reported value and dataset SE equals lm-eval's, and equals the mean of the samples log's correctness."""
+    """Each reported value and dataset SE equals lm-eval's in the very results file the row names, and equals the
+    mean of that run's samples log."""
     rows = [r for r in _csv(built / "accuracy.csv") if r["status"] == "ok"]
-    assert len(rows) >= 15
+    assert len(rows) >= 30
     for r in rows:
-        folder = RUNS / {"prime-tiny (cfg=1.5)": "prime-tiny-cfg"}.get(r["model"], r["model"])
-        res = json.loads(next(folder.glob("results_*.json")).read_text())["results"][r["task"]]
+        src = RUNS / r["source"]
+        res = json.loads(src.read_text())["results"][r["task"]]
         assert float(r["value"]) == pytest.approx(res[f"{r['metric']},none"], abs=1e-6)
         assert float(r["se_data"]) == pytest.approx(res[f"{r['metric']}_stderr,none"], abs=1e-6)
-        samples = [json.loads(x) for x in next(folder.glob(f"samples_{r['task']}_*.jsonl")).read_text().splitlines()]
+        samples = [json.loads(x) for x in next(src.parent.glob(f"samples_{r['task']}_*.jsonl")).read_text().splitlines()]
         assert float(r["value"]) == pytest.approx(sum(s[r["metric"]] for s in samples) / len(samples), abs=1e-6)
-        has_stats = any(folder.glob(f"stats_{r['task']}_*.jsonl"))
-        assert (r["se_mc"] != "") == has_stats
+
+
+def test_one_row_per_run_hf_and_arm_on_the_same_folder(built):
+    """Issue 13 §3: the same folder scored by lm-eval's hf and by our arm adapter are two rows, labelled by model
+    type, each with its own numbers (the old report merged them into one row "arm-tiny-a")."""
+    rows = [r for r in _csv(built / "accuracy.csv") if r["model"].startswith("arm-tiny-a")]
+    assert {r["model"] for r in rows} == {"arm-tiny-a [hf]", "arm-tiny-a [arm]"}
+    for r in (r for r in rows if r["status"] == "ok"):
+        assert r["source"].startswith("arm-tiny-a-ours/" if r["model"].endswith("[arm]") else "arm-tiny-a/")
+        assert f"[{r['model_type']}]" in r["model"]
+    md = (built / "report.md").read_text()
+    assert "| ARM | arm-tiny-a [arm] | 1.65M | exact |" in md
+    assert "| ARM | arm-tiny-a [hf] | 1.65M | exact (lm-eval hf) |" in md
+
+
+def test_one_row_per_estimator_setting(built):
+    """Two estimator settings of one checkpoint (K = 128 and K = 4): two rows, each with the values, label and
+    estimator of its own run (the old report showed one "prime-tiny" row mixing them)."""
+    rows = [r for r in _csv(built / "accuracy.csv") if r["model"].startswith("prime-tiny (mc") and r["status"] == "ok"]
+    by = {(r["model"], r["task"]): r for r in rows}
+    for label, folder, k in (("prime-tiny (mc, K=128)", "prime-tiny", "128"),
+                             ("prime-tiny (mc, K=4)", "prime-tiny-k4", "4")):
+        res = json.loads(next((RUNS / folder).glob("results_*.json")).read_text())
+        for task in ("arc_easy", "piqa"):
+            r = by[(label, task)]
+            assert r["source"].startswith(f"{folder}/") and r["estimator"] == f"mc, K={k}" and r["num_samples"] == k
+            assert float(r["value"]) == pytest.approx(res["results"][task][f"{r['metric']},none"], abs=1e-12)
+    assert by[("prime-tiny (mc, K=128)", "arc_easy")]["value"] != by[("prime-tiny (mc, K=4)", "arc_easy")]["value"]
+    assert len({r["checkpoint"] for r in rows}) == 1  # the same checkpoint
+
+
+def test_identical_rerun_with_equal_numbers_is_merged(built):
+    """arm-tiny-b-rerun (same configuration, same numbers on arc_easy) joins the arm-tiny-b row, with no note."""
+    col = rp.load([RUNS / "arm-tiny-b", RUNS / "arm-tiny-b-rerun"], {})
+    assert len(col.runs) == 1 and len(col.runs[0].sources) == 2 and not col.notes
+    assert "arm-tiny-b (" not in (built / "report.md").read_text()
+
+
+def _rerun(tmp_path: Path, change: float) -> Path:
+    """mdm-tiny and a copy of its results with a later date; piqa's acc_norm moved by `change`."""
+    d = tmp_path / "runs"
+    shutil.copytree(RUNS / "mdm-tiny", d / "mdm-tiny")
+    res = json.loads(next((RUNS / "mdm-tiny").glob("results_*.json")).read_text())
+    res["results"]["piqa"]["acc_norm,none"] += change
+    res["date"] += 3600
+    (d / "again").mkdir()
+    (d / "again" / "results_2026-01-03T10-00-00.000001.json").write_text(json.dumps(res))
+    return d
+
+
+def test_identical_rerun_with_different_numbers_is_shown_twice(tmp_path):
+    """Issue 13 §3: re-runs of the identical configuration whose numbers differ are both shown, told apart by run,
+    with a note (the old report kept one and dropped the other silently)."""
+    col = rp.load([_rerun(tmp_path, 0.05)], {})
+    assert len(col.runs) == 2
+    assert sorted(r.display for r in col.runs) == ["mdm-tiny (run 2026-01-01T10-10-00.000001)",
+                                                   "mdm-tiny (run 2026-01-03T10-00-00.000001)"]
+    assert any("identical configuration but different numbers (piqa (acc_norm" in n for n in col.notes)
+    rep = rp.build(col)
+    acc = rep.tables[0]
+    assert all(row[1].notes for row in acc.rows)  # each row carries the footnote
+    assert any("identical configuration" in v for v in acc.notes.values())
+    values = {str(row[1]): row[6].value for row in acc.rows}  # PIQA column
+    assert sorted(values.values()) == pytest.approx([0.5, 0.55])
+    # equal numbers: one row
+    col = rp.load([_rerun(tmp_path / "b", 0.0)], {})
+    assert len(col.runs) == 1 and col.runs[0].display == "mdm-tiny" and not col.notes
+
+
+def test_other_settings_label_rows_apart(tmp_path):
+    """Same model, type, checkpoint and estimator but another setting (lm-eval's limit, the seed): two rows labelled
+    by what differs."""
+    d = tmp_path / "runs"
+    shutil.copytree(RUNS / "prime-tiny-k4", d / "a")
+    res = json.loads(next((RUNS / "prime-tiny-k4").glob("results_*.json")).read_text())
+    res["config"]["prime_eval"]["seed"] = 7
+    (d / "b").mkdir()
+    (d / "b" / "results_2026-01-03T10-00-00.000001.json").write_text(json.dumps(res))
+    assert sorted(r.display for r in rp.load([d], {}).runs) == ["prime-tiny (seed=7)", "prime-tiny (seed=None)"]
+    res["config"]["prime_eval"].pop("seed")
+    res["config"]["limit"] = 10
+    (d / "b" / "results_2026-01-03T10-00-00.000001.json").write_text(json.dumps(res))
+    assert sorted(r.display for r in rp.load([d], {}).runs) == ["prime-tiny (limit=10)", "prime-tiny (limit=20)"]
+
+
+def test_intervals_stay_in_range(built):
+    """Issue 13 §4: no accuracy interval leaves [0, 100], no paired one [−100, 100] (the old normal intervals did:
+    "20.0 ± 26.1", "0.0 ± 17.9"); every interval contains its point value."""
+    rows = [r for r in _csv(built / "accuracy.csv") if r["status"] == "ok"]
+    for r in rows:
+        lo, v, hi = float(r["ci95_low"]), float(r["value"]), float(r["ci95_high"])
+        assert 0.0 <= lo <= v <= hi <= 1.0 and r["interval"] in ("wilson", "wilson+mc")
+    assert any(float(r["value"]) == 0.0 for r in rows)  # LAMBADA: the edge case
+    for r in _csv(built / "paired.csv"):
+        if r["reason"] == "":
+            assert -1.0 <= float(r["ci95_low"]) <= float(r["diff"]) <= float(r["ci95_high"]) <= 1.0
+    # the issue's cell: 2 of 10 right, no MC error
+    tr = rp.TaskResult(task="arc_easy", metrics={"acc": (0.2, intervals.binomial_se(0.2, 10))}, n=10)
+    run = rp.ModelRun(name="arm", tasks={"arc_easy": tr})
+    table = rp.build(rp.Collection(runs=[run], ppl=[], notes=[], root=Path("."))).tables[0]
+    assert rp.render_markdown(rp.Report("t", [table], [])).count("| 20.0 [5.7, 51.0] |") == 1
+
+
+def test_plot_error_bars_inside_range(built, monkeypatch):
+    """The accuracy plot's error bars are the asymmetric interval, inside [0, 100]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.axes
+
+    calls = []
+    orig = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda self, x, y, yerr=None, **kw:
+                        calls.append((list(y), yerr)) or orig(self, x, y, yerr=yerr, **kw))
+    col = rp.load([RUNS], rp.load_meta(META))
+    rep = rp.build(col)
+    rp.make_plots(rep, col)
+    models = {r["model"] for r in rep.tables[0].records if r["value"] is not None}  # the accuracy plot's calls first
+    bars = [(y, lo, hi) for ys, (los, his) in calls[:len(models)] for y, lo, hi in zip(ys, los, his)]
+    assert len(bars) > 20
+    assert all(y - lo >= -1e-9 and y + hi <= 100 + 1e-9 and lo >= 0 and hi >= 0 for y, lo, hi in bars)
+
+
+def test_exact_arm_lambada_has_no_mc_term(built):
+    """Issue 13 §4: LAMBADA-style is_greedy tasks of an exact ARM get no invented Monte Carlo error (the old report
+    set q = ½ per document whose gold it could not find: ~±9 points). Every is_greedy cell of the fixtures (ARM and
+    diffusion, is_greedy decided deterministically) has se_mc = 0 and the plain Wilson interval."""
+    cells = [r for r in _csv(built / "accuracy.csv") if r["task"] == "lambada_openai" and r["status"] == "ok"]
+    assert {r["model"] for r in cells} >= {"arm-tiny-a [arm]", "prime-tiny (mc, K=128)"}
+    for r in cells:
+        assert float(r["se_mc"]) == 0.0
+        plain = intervals.wilson_interval(float(r["value"]), int(r["n"]))
+        assert (float(r["ci95_low"]), float(r["ci95_high"])) == pytest.approx(plain, abs=1e-6)  # CSV: 6 decimals
+
+
+def _copy_run(src: Path, dst: Path, edit_stats=None) -> Path:
+    shutil.copytree(src, dst)
+    if edit_stats:
+        for f in dst.glob("stats_*.jsonl"):
+            rows = [edit_stats(json.loads(line)) for line in f.read_text().splitlines()]
+            f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dst
+
+
+def test_is_greedy_fallback_and_random_greedy(tmp_path):
+    """Older stats without deterministic / is_greedy_deterministic: is_greedy counts as deterministic (every adapter
+    decides it by argmax); a stats file that says it was random leaves the MC term out, with a note (never q = ½)."""
+    def strip(r):
+        return {k: v for k, v in r.items() if k not in ("deterministic", "is_greedy_deterministic", "bound_kind")}
+
+    old = _copy_run(RUNS / "arm-tiny-a-ours", tmp_path / "old" / "arm", strip)
+    cell = [r for r in rp.build(rp.load([old], {})).tables[0].records if r["task"] == "lambada_openai"][0]
+    assert cell["se_mc"] == 0.0
+    rand = _copy_run(RUNS / "prime-tiny", tmp_path / "rand" / "prime", lambda r: {**r, "is_greedy_deterministic": False})
+    table = rp.build(rp.load([rand], {})).tables[0]
+    cell = [r for r in table.records if r["task"] == "lambada_openai"][0]
+    assert cell["se_mc"] is None and any("is_greedy was decided with random numbers" in v for v in table.notes.values())
+
+
+def test_deterministic_flag_zeroes_the_mc_term(tmp_path):
+    """A stats row with deterministic: true has no MC noise whatever its mc_stderr says."""
+    run = _copy_run(RUNS / "prime-tiny", tmp_path / "p", lambda r: {**r, "deterministic": True})
+    recs = rp.build(rp.load([run], {})).tables[0].records
+    assert all(r["se_mc"] == 0.0 for r in recs if r["status"] == "ok")
+
+
+def test_gold_answer_from_target_text_or_bounded(tmp_path):
+    """Three choices, MC noise: the gold is the choice equal to the target text; where nothing identifies it (acc = 0,
+    a target that is neither an index nor a choice), the document's term is the largest q_j(1−q_j) over the
+    choices that can be gold (never q = ½), and a footnote says so."""
+    d = tmp_path / "run"
+    d.mkdir()
+    res = {"results": {"mytask": {"acc,none": 0.0, "acc_stderr,none": 0.0}},
+           "configs": {"mytask": {"target_delimiter": " ", "output_type": "multiple_choice"}},
+           "n-samples": {"mytask": {"effective": 2}},
+           "config": {"model": "mdm", "prime_eval": {"estimator": "mc", "num_samples": 8, "bound_kind": "upper_bound",
+                                                     "model_name": "m", "family": "mdm"}}}
+    (d / "results_2026-01-01T00-00-00.0.json").write_text(json.dumps(res))
+    lls, ses = [-1.0, -1.5, -3.0], [1.0, 0.5, 0.8]
+    args = {f"gen_args_{j}": {"arg_0": "q", "arg_1": f" {c}"} for j, c in enumerate("abc")}
+    samples = [{"doc_id": 0, "doc_hash": "h0", "target": "b", "filtered_resps": [[x, False] for x in lls],
+                "arguments": args, "acc": 0.0},
+               {"doc_id": 1, "doc_hash": "h1", "target": "zzz", "filtered_resps": [[x, False] for x in lls],
+                "arguments": args, "acc": 0.0}]
+    (d / "samples_mytask_2026-01-01T00-00-00.0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
+    stats = [{"doc_id": i, "choice": j, "loglikelihood": lls[j], "mc_stderr": ses[j], "deterministic": False}
+             for i in range(2) for j in range(3)]
+    (d / "stats_mytask_2026-01-01T00-00-00.0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stats))
+    table = rp.build(rp.load([d], {})).tables[0]
+    q_gold = rp.prob_correct(lls, ses, 1)  # doc 0: target " b" is choice 1
+    q1, q2 = rp.prob_correct(lls, ses, 1), rp.prob_correct(lls, ses, 2)  # doc 1: gold 1 or 2 (0 was scored wrong)
+    bound = max(q1 * (1 - q1), q2 * (1 - q2))
+    assert table.records[0]["se_mc"] == pytest.approx(math.sqrt(q_gold * (1 - q_gold) + bound) / 2, rel=1e-12)
+    assert any("bounded from above for 1 document(s)" in v for v in table.notes.values())
+
+
+def test_n_and_estimator_in_the_table(built):
+    """Issue 13 §4: the main table shows n per task and the estimator with its K per row."""
+    md = _section((built / "report.md").read_text(), "Zero-shot accuracy (likelihood-based)")
+    header = next(line for line in md.splitlines() if line.startswith("| Family"))
+    assert "| Estimator |" in header and "ARC-e (acc, n=20)" in header and "PIQA (acc_norm, n=20)" in header
+    assert "| prime-tiny (mc, K=4) | 3.35M | mc, K=4 |" in md and "| mdm-tiny (mc, K=32) | 1.65M | mc, K=32 |" in md
+
+
+def _synthetic(tmp_path: Path, runs: dict) -> Path:
+    """Plain lm-eval runs of boolq: name -> per-document correctness (samples logs with two choices)."""
+    for name, correct in runs.items():
+        d = tmp_path / name
+        d.mkdir(parents=True)
+        n = len(correct)
+        acc = sum(correct) / n
+        res = {"results": {"boolq": {"alias": "boolq", "acc,none": acc, "acc_stderr,none": intervals.binomial_se(acc, n)}},
+               "configs": {"boolq": {"target_delimiter": " ", "output_type": "multiple_choice"}},
+               "n-samples": {"boolq": {"effective": n}}, "config": {"model": "hf", "model_args": f"pretrained=org/{name}"}}
+        (d / "results_2026-01-01T00-00-00.0.json").write_text(json.dumps(res))
+        rows = [{"doc_id": i, "doc_hash": f"h{i}", "target": "1", "filtered_resps": [[-2.0, False], [-1.0, False]],
+                 "arguments": {}, "acc": float(c)} for i, c in enumerate(correct)]
+        (d / "samples_boolq_2026-01-01T00-00-00.0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def test_mixed_n_marked(tmp_path):
+    """Runs with different n in one column: n moves from the header into each cell, with a footnote."""
+    rep = rp.build(rp.load([_synthetic(tmp_path, {"big": [1] * 20 + [0] * 10, "small": [1] * 5 + [0] * 15})], {}))
+    md = rp.render_markdown(rep)
+    assert "| BoolQ (acc) |" in md
+    assert "| **66.7** [48.8, 80.8] (n=30)[a] |" in md and "| 25.0 [11.2, 46.9] (n=20)[a] |" in md
+    assert "[a] runs in this column were scored on different numbers of documents" in md
+
+
+def test_paired_marker_on_synthetic_samples(tmp_path):
+    """Two runs on 30 shared documents, A right on all, B on 10: the paired interval excludes 0 and gets †."""
+    rep = rp.build(rp.load([_synthetic(tmp_path, {"good": [1] * 30, "bad": [1] * 10 + [0] * 20})], {}))
+    md = rp.render_markdown(rep)
+    line = md.split("| bad | good |")[1].splitlines()[0]
+    assert line.startswith(" -66.7 [") and line.endswith("† |")
+
+
+def test_bound_kinds_go_to_their_tables(built):
+    """Issue 13 §5: each kind of number in its own table, read from bound_kind (or the documented fallbacks for
+    older files): chain_rule (score stats and the older ppl JSON with is_bound false) in the left-to-right tables,
+    never "≤"; legacy_joint (old label not_a_bound) and cfg apart; "≤" only on upper bounds."""
+    md = (built / "report.md").read_text()
+    like = _section(md, "Zero-shot accuracy (likelihood-based)")
+    l2r = _section(md, "Zero-shot accuracy: left-to-right process (chain_rule)")
+    other = _section(md, "Zero-shot accuracy: NOT likelihood-based (legacy_joint / CFG / temperature)")
+    assert "chain_rule" not in like and "| mdm-tiny (chain_rule) | 1.65M | chain_rule |" in l2r
+    assert "cfg=1.5" not in like and "| prime-tiny (cfg=1.5) |" in other
+    ppl = _section(md, "Perplexity on wikitext2/test")
+    ppl_l2r = _section(md, "Perplexity on wikitext2/test: left-to-right process (chain_rule)")
+    ppl_other = _section(md, "Perplexity on wikitext2/test: NOT likelihoods (legacy_joint and similar)")
+    assert "chain_rule" not in ppl and "legacy_joint" not in ppl
+    assert "| mdm-tiny (chain_rule) |" in ppl_l2r and "≤" not in _rows(ppl_l2r)
+    assert "| legacy_joint, K=8 |" in ppl_other and "≤" not in _rows(ppl_other)
+    assert "| ar | 241,000 | 10.720 [" in ppl and "| exact | 241,000 | **10.610** [" in ppl  # exact ARMs: no mark
+    assert "≤ 10.930 [" in ppl and "≤ 10.810 [" in ppl and "≤ 10.840 [" in ppl
+    recs = {r["source"]: r for r in _csv(built / "perplexity.csv")}
+    assert recs["ppl/mdm-tiny-chain.json"]["bound_kind"] == "exact_left_to_right"
+    assert recs["ppl/prime-tiny-legacy.json"]["bound_kind"] == "not_a_likelihood"
+
+
+def test_bound_kind_label_wins_over_estimator_name(tmp_path):
+    """The label decides, not the estimator's name: an estimator the report has never heard of, labelled exact, is
+    not marked "≤" (the old report marked every name outside its list of exact estimators)."""
+    obj = json.loads((RUNS / "ppl" / "arm-tiny-b.json").read_text())
+    obj["protocol"]["estimator"], obj["model"]["family"] = "my_new_exact_estimator", "other"
+    (tmp_path / "x.json").write_text(json.dumps(obj))
+    table = rp.build(rp.load([tmp_path / "x.json"], {})).tables[0]
+    assert table.rows[0][5].prefix == "" and table.records[0]["bound_kind"] == "exact"
+    obj["bound_kind"] = "upper_bound"
+    (tmp_path / "x.json").write_text(json.dumps(obj))
+    assert rp.build(rp.load([tmp_path / "x.json"], {})).tables[0].rows[0][5].prefix == "≤"
+
+
+def test_ppl_rows_one_per_file(tmp_path):
+    """One ppl JSON = one row: two settings of one model are two labelled rows; an identical copy is merged; an
+    identical configuration with another number is shown twice with a note."""
+    src = RUNS / "ppl" / "prime-tiny.json"
+    shutil.copy(src, tmp_path / "a.json")
+    shutil.copy(src, tmp_path / "b.json")
+    shutil.copy(RUNS / "ppl" / "prime-tiny-k2.json", tmp_path / "k2.json")
+    col = rp.load([tmp_path], {})
+    assert sorted(r.display for r in col.ppl) == ["prime-tiny (elbo, K=2)", "prime-tiny (elbo, K=8)"]
+    assert not col.notes
+    obj = json.loads(src.read_text())
+    obj["results"]["nll"] += 0.01
+    (tmp_path / "b.json").write_text(json.dumps(obj))
+    col = rp.load([tmp_path], {})
+    assert sorted(r.display for r in col.ppl) == ["prime-tiny (elbo, K=2)", "prime-tiny (elbo, K=8, run a.json)",
+                                                  "prime-tiny (elbo, K=8, run b.json)"]
+    assert any("identical configuration but different numbers" in n for n in col.notes)
 
 
 def test_mc_error_recomputed_independently(built):
@@ -178,25 +454,20 @@ def test_mc_error_recomputed_independently(built):
             q = phi((ll[gold] - ll[1 - gold]) / math.hypot(*se))
             var += q * (1 - q)
             n += 1
-        assert float(rows[("prime-tiny", task)]["se_mc"]) == pytest.approx(math.sqrt(var) / n, abs=2e-6)
+        assert float(rows[("prime-tiny (mc, K=128)", task)]["se_mc"]) == pytest.approx(math.sqrt(var) / n, abs=2e-6)
 
 
-def test_sections_and_footnotes(built):
+def test_footnotes(built):
     md = (built / "report.md").read_text()
-    like, rest = md.split("## Zero-shot accuracy: NOT likelihood-based", 1)
-    other = rest.split("## Paired comparisons", 1)[0]
-    assert "cfg=1.5" not in like and "| prime-tiny (cfg=1.5) |" in other
-    ppl_bound, ppl_other = md.split("## Perplexity on wikitext2/test: NOT upper bounds", 1)
-    assert "legacy_joint" not in ppl_bound.split("## Perplexity on wikitext2/test", 1)[1]
-    assert "| legacy_joint |" in ppl_other and "≤" not in ppl_other.split("## Plots")[0]
-    assert "≤ 10.930" in ppl_bound and "| ar | 10.720" in ppl_bound        # bounds marked, exact ARM not
+    like = _section(md, "Zero-shot accuracy (likelihood-based)")
     assert "incompatible lm-eval version in pythia-old/results.json" in like
     assert "run failed: stats file mdm-tiny/stats_winogrande_" in like
     assert "average needs every task" in like
-    assert "pythia" not in md.split("## Paired comparisons", 1)[1].split("## Perplexity", 1)[0]
-    assert "**40.0** ±" in like                                               # best per column in bold
+    assert "pythia" not in _section(md, "Paired comparisons (likelihood-based rows)")
+    assert "**40.0** [" in like                                               # best per column in bold
     tex = (built / "report.tex").read_text()
     assert r"\toprule" in tex and r"\bottomrule" in tex and r"$\leq$ 10.930" in tex and r"---\textsuperscript{a}" in tex
+    assert r"arm-tiny-a [hf]" in tex  # a label's brackets are text, not footnotes
 
 
 def test_table_model_not_run(built):
@@ -216,11 +487,14 @@ class _Doc(HTMLParser):
         self.tags.setdefault(tag, []).append(dict(attrs))
 
 
+N_TABLES = 7  # accuracy ×3 sections, paired, perplexity ×3 sections
+
+
 def test_html_parsed(built):
     text = (built / "report.html").read_text()
     doc = _Doc()
     doc.feed(text)
-    assert len(doc.tags["table"]) == 5
+    assert len(doc.tags["table"]) == N_TABLES
     imgs = doc.tags["img"]
     assert len(imgs) == 2
     for img in imgs:
@@ -229,6 +503,16 @@ def test_html_parsed(built):
     assert "script" not in doc.tags and "link" not in doc.tags
     assert "http://" not in text and "https://" not in text  # self-contained
     assert "<b>40.0</b>" in text and "<sup>a</sup>" in text
+
+
+def test_console_renders_every_table(capsys):
+    from rich.console import Console
+
+    col = rp.load([RUNS], rp.load_meta(META))
+    rp.render_console(rp.build(col), Console(width=250, file=sys.stdout))
+    out = capsys.readouterr().out
+    assert "arm-tiny-a [hf]" in out and "arm-tiny-a [arm]" in out  # brackets survive rich markup
+    assert "0.0 [0.0, 16.1]" in out and "prime-tiny (mc, K=4)" in out and "—[a]" in out
 
 
 def test_cli_options(tmp_path, capsys):
@@ -252,27 +536,33 @@ def test_cli_options(tmp_path, capsys):
                  "--metric", "piqa=acc", "--baseline", "prime-tiny"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.md"]
     md = (out / "report.md").read_text()
-    assert "PIQA (acc)" in md and "| arm-tiny-a | prime-tiny |" in md and "| arm-tiny-a | arm-tiny-b |" not in md
+    assert "PIQA (acc, n=20)" in md and "| arm-tiny-a | prime-tiny |" in md and "| arm-tiny-a | arm-tiny-b |" not in md
     assert "<img" not in (out / "report.html").read_text()
     assert main(["report", str(RUNS), "--out", str(out), "--baseline", "nobody", "--quiet", "--no-plots"]) == 2
 
 
-def test_paired_marker_on_synthetic_samples(tmp_path):
-    """Two runs on 30 shared documents, A right on all, B on 10: the paired interval excludes 0 and gets †."""
-    for name, correct in (("good", [1] * 30), ("bad", [1] * 10 + [0] * 20)):
-        d = tmp_path / name
-        d.mkdir()
-        acc = sum(correct) / 30
-        res = {"results": {"boolq": {"alias": "boolq", "acc,none": acc, "acc_stderr,none": rp.binomial_se(acc, 30)}},
-               "configs": {"boolq": {"target_delimiter": " "}}, "n-samples": {"boolq": {"effective": 30}},
-               "config": {"model": "hf", "model_args": f"pretrained=org/{name}"}}
-        (d / "results_2026-01-01T00-00-00.0.json").write_text(json.dumps(res))
-        rows = [{"doc_id": i, "doc_hash": f"h{i}", "target": "1", "filtered_resps": [[-2.0, False], [-1.0, False]],
-                 "arguments": {}, "acc": float(c)} for i, c in enumerate(correct)]
-        (d / "samples_boolq_2026-01-01T00-00-00.0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+def test_mc_note_without_samples_log(tmp_path):
+    """Statistics without a samples log: the MC part cannot be computed, and the row says so in a footnote."""
+    run = tmp_path / "prime-tiny"
+    run.mkdir()
+    for f in (RUNS / "prime-tiny").iterdir():
+        if not f.name.startswith("samples_"):
+            shutil.copy(f, run / f.name)
     rep = rp.build(rp.load([tmp_path], {}))
-    md = rp.render_markdown(rep)
-    assert "| bad | good | -66.7 ± " in md and md.split("| bad | good |")[1].splitlines()[0].endswith("† |")
+    acc = rep.tables[0]
+    assert str(acc.rows[0][1]) == "prime-tiny[a]" and "no lm-eval samples log" in acc.notes["a"]
+    assert all(r["se_mc"] is None for r in acc.records)
+    assert len(rep.tables) == 1  # a single row: no paired table
+
+
+def test_report_never_imports_torch(tmp_path):
+    """Reports are rebuilt anywhere from the files: loading, building, plotting and writing import no torch."""
+    code = ("import sys; from prime_eval import report as rp; c = rp.load([sys.argv[1]], rp.load_meta(sys.argv[2])); "
+            "rp.write_report(rp.build(c), c, sys.argv[3]); assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code, str(RUNS), str(META), str(tmp_path / "o")], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(FIX.parents[2])})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "o" / "report.html").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,7 +602,7 @@ def test_html_in_headless_chromium(built, tmp_path):
     assert body.tags.get("body"), f"chromium printed no DOM (rc={dom.returncode}): {dom.stderr[-2000:]}"
     check = json.loads(body.tags["body"][0].get("data-check", "null") or "null")
     assert check is not None, f"probe did not run: {dom.stderr[-2000:]}"
-    assert check["tables"] == 5 and check["imgs"] == 2 and check["decoded"] == 2, check
+    assert check["tables"] == N_TABLES and check["imgs"] == 2 and check["decoded"] == 2, check
     assert all(w > 100 for w in check["width"]) and check["errors"] == [], check
     console = [line for line in dom.stderr.splitlines() if ":CONSOLE(" in line or "Uncaught" in line]
     assert console == [], console
@@ -328,17 +618,3 @@ def test_html_in_headless_chromium(built, tmp_path):
     pixels = matplotlib.image.imread(str(shot))
     assert pixels.shape[0] >= 2000 and pixels.shape[1] >= 1200
     assert float(pixels[..., :3].std()) > 0.05  # not a blank page
-
-
-def test_mc_note_without_samples_log(tmp_path):
-    """Statistics without a samples log: the MC part cannot be computed, and the row says so in a footnote."""
-    run = tmp_path / "prime-tiny"
-    run.mkdir()
-    for f in (RUNS / "prime-tiny").iterdir():
-        if not f.name.startswith("samples_"):
-            shutil.copy(f, run / f.name)
-    rep = rp.build(rp.load([tmp_path], {}))
-    acc = rep.tables[0]
-    assert acc.rows[0][1] == "prime-tiny[a]" and "no lm-eval samples log" in acc.notes["a"]
-    assert all(r["se_mc"] is None for r in acc.records)
-    assert len(rep.tables) == 1  # a single row: no paired table

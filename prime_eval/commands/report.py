@@ -11,10 +11,17 @@ lm-eval results JSON, or a `prime-eval ppl` JSON. Read next to the results, when
 (samples_<task>_<date>.jsonl, for paired comparisons) and prime-eval per-request statistics
 (stats_<task>_<date>.jsonl, for the Monte Carlo part of the intervals).
 
-Tables: zero-shot accuracy (rows = models grouped by family, columns = tasks and average, 95% intervals combining
-the dataset and Monte Carlo errors), paired differences on shared documents († = interval excludes 0), perplexity
-(NLL and PPL, "≤" for upper bounds). Results from legacy_joint, CFG or temperature go to separate tables. Best value
-per column in bold; missing cells are "—" with the reason in a footnote. Nothing here loads a model or needs a GPU.
+One row per run: model name, lm-eval model type, checkpoint (content hash) and estimator settings. Runs sharing a name
+are labelled apart ("[hf]" / "[arm]", "(mc, K=4)"); re-runs of one configuration are merged only when their numbers
+agree (otherwise both are shown, with a note). One ppl JSON is one row.
+
+Tables: zero-shot accuracy (rows grouped by family, with the estimator and its K; columns = tasks with n, and the
+average; 95% Wilson score intervals that include the Monte Carlo error and stay inside [0, 100]), paired differences
+on shared documents (Tango's score interval; † = it excludes 0), perplexity (NLL and PPL, "≤" for upper bounds
+only). What each number is comes from its bound_kind: the left-to-right process of a diffusion model (chain_rule)
+and results that are not likelihoods (legacy_joint, CFG, temperature) get tables of their own. Best value per column
+in bold; missing cells are "—" with the reason in a footnote. Files are written atomically. Nothing here loads a
+model or needs a GPU. Formulas: prime_eval/intervals.py and prime_eval/report/.
 """
 
 EPILOG = """\
@@ -58,7 +65,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--formats", type=_formats, default=["md", "csv", "tex", "html"], metavar="LIST",
                    help="comma-separated subset of md,csv,tex,html (default: all four)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (faster; the HTML then has no images)")
-    p.add_argument("--baseline", metavar="MODEL", help="paired comparisons only against this model (default: all pairs)")
+    p.add_argument("--baseline", metavar="MODEL",
+                   help="paired comparisons only against this model: a name (all its rows) or a row label "
+                        "(default: all pairs)")
     p.add_argument("--metric", type=_metric, action="append", default=[], metavar="TASK=METRIC",
                    help="report METRIC for TASK instead of the literature's choice (repeatable), e.g. piqa=acc")
     p.add_argument("--title", default="prime-eval report", help="report title (default: %(default)s)")
