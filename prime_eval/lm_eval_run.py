@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -95,7 +96,7 @@ def check_samples(samples: Any) -> dict[str, list[int]] | None:
         neg = [i for i in idx if i < 0]
         if neg:
             raise UserError(f"--samples: {task!r} lists negative indices {neg[:5]}; documents are numbered from 0")
-        dup = sorted({i for i in idx if idx.count(i) > 1})
+        dup = sorted(i for i, n in Counter(idx).items() if n > 1)
         if dup:
             raise UserError(f"--samples: {task!r} lists indices {dup[:5]} more than once; give each document once")
         out[task] = sorted(idx)
@@ -129,8 +130,8 @@ def prepare_tasks(names: Sequence[str], task_manager: TaskManager, *, limit: flo
         except UserError:
             raise
         except Exception as e:  # datasets / pyarrow / a task's own code
-            raise UserError(f"task {name!r}: its data could not be loaded ({_one_line(e)}); check the task's files "
-                            "(--data-dir DIR/<task>/<split>.jsonl, docs/tasks.md) or its YAML") from e
+            raise UserError(f"task {name!r} could not be loaded ({_one_line(e)}); check its name, its data files "
+                            "(--data-dir DIR/<task>/<split>.jsonl, docs/tasks.md) and its YAML") from e
         top = loaded["groups"].get(name) or loaded["tasks"].get(name)  # neither: a tag, i.e. a list of tasks
         objects += [top] if top is not None else list(loaded["tasks"].values())
         leaves += [t for t in loaded["tasks"] if t not in leaves]
@@ -159,16 +160,13 @@ def _one_line(e: BaseException) -> str:
 
 
 # -- model ----------------------------------------------------------------------------------------------------------
-def model_class(name: str, hints: dict[str, str | None] | None = None) -> type:
-    """The lm-eval model class registered as `name`, or a UserError listing the registered names (`hints`: name ->
-    why a model the caller expected is missing)."""
+def model_class(name: str) -> type:
+    """The lm-eval model class registered as `name`, or a UserError listing the registered names."""
     import lm_eval.models  # noqa: F401  (registers hf, dummy, ... as lazy placeholders)
     from lm_eval.api.registry import get_model, model_registry
 
     if name not in model_registry:
-        why = (hints or {}).get(name)
-        extra = f" ({why})" if why else ""
-        raise UserError(f"unknown model {name!r}{extra}. Known models: {', '.join(sorted(model_registry.keys()))}")
+        raise UserError(f"unknown model {name!r}. Known models: {', '.join(sorted(model_registry.keys()))}")
     try:
         return get_model(name)
     except ImportError as e:
@@ -207,8 +205,7 @@ def _fix_hint(e: Exception) -> str:
 
 
 def model_spec(name: str, model_args: str = "", *, batch_size: Any = None, max_batch_size: Any = None,
-               device: str | None = None, default_device: str | None = None,
-               hints: dict[str, str | None] | None = None) -> ModelSpec:
+               device: str | None = None, default_device: str | None = None) -> ModelSpec:
     """Resolve model `name` and its arguments without building it.
 
     `model_args` ("k=v,k2=v2", lm-eval's parser) and the command's own settings (`batch_size`, `max_batch_size`,
@@ -218,7 +215,7 @@ def model_spec(name: str, model_args: str = "", *, batch_size: Any = None, max_b
     """
     from lm_eval.utils import simple_parse_args_string
 
-    cls = model_class(name, hints)
+    cls = model_class(name)
     kwargs = simple_parse_args_string(model_args) if model_args else {}
     flags = {"batch_size": batch_size, "max_batch_size": max_batch_size, "device": device}
     for key, value in flags.items():

@@ -9,6 +9,7 @@ import pytest
 
 from prime_eval.cli import main as cli_main
 from prime_eval.commands import score
+from prime_eval.lm_eval_run import model_dir_name
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
@@ -80,7 +81,7 @@ def test_score_hf_offline_writes_results_and_samples(tiny_gpt2, shared_data, tmp
                    "--bootstrap_iters", "0"])
     assert rc == 0
     [folder] = list(out.iterdir())
-    assert folder.name == score.model_dir_name("hf", f"pretrained={tiny_gpt2}")
+    assert folder.name == model_dir_name("hf", f"pretrained={tiny_gpt2}")
     [results_file] = list(folder.glob("results_*.json"))
     [samples_file] = list(folder.glob("samples_piqa_*.jsonl"))
     assert samples_file.name == results_file.name.replace("results_", "samples_piqa_").replace(".json", ".jsonl")

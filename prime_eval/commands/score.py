@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from prime_eval.errors import UserError
-from prime_eval.lm_eval_run import DEFAULT_SEEDS, RunFinalizer, model_dir_name, model_name  # noqa: F401  (public)
+from prime_eval.lm_eval_run import DEFAULT_SEEDS
 
 ADAPTERS = ("arm", "mdm", "prime")  # lm-eval names registered by model_adapters/<name>.py
 CACHE_MODELS = ADAPTERS  # models that take a `cache_dir` argument (prime_eval.cache)
@@ -67,7 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="passed to the model constructor (lm-eval semantics: int, 'auto', 'auto:N')")
     p.add_argument("--max_batch_size", type=int, default=None, help="cap for --batch_size auto")
     p.add_argument("--device", default=None,
-                   help="passed to the model constructor (cpu, cuda, cuda:0, ...); default: cpu when CUDA is absent")
+                   help="passed to the model constructor (cpu, cuda, cuda:0, ...); default: the model argument "
+                   "device= if given (the two must agree when both are), else cpu when CUDA is absent")
     p.add_argument("--output_path", "-o", default=None, metavar="PATH",
                    help="folder (or .json file) for results; results go to PATH/<model>/results_<date>.json")
     p.add_argument("--log_samples", "-s", action="store_true",
