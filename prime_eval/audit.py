@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -27,6 +29,33 @@ from prime_eval.networks.toy import OracleDenoiser, TinyDenoiser
 from prime_eval.subtokenizer import SubTokenizer, make_permutation
 
 MAX_DIFFUSED = 16  # 2^16 mask sets: the enumeration limit
+MAX_IW_POSITIONS = 8  # the iw audit enumerates all n! reveal orders (8! = 40,320)
+ORACLE_ESTIMATORS = ("mc", "exact_count", "levels", "legacy_joint")
+MDM_ESTIMATORS = ("mc", "exact_count", "levels", "chain_rule")
+PRIME_ESTIMATORS = ("mc", "exact_count", "levels", "legacy_joint")
+IW_KS, IW_PROPOSALS = (1, 4, 16), ("uniform", "pl")
+
+# progress(fraction done in [0, 1], what is being done); None: silent
+Progress = Callable[[float, str], None]
+
+
+class _Steps:
+    """Counts `total` units of work and reports the fraction done to `progress` after each."""
+
+    def __init__(self, progress: Progress | None, total: int):
+        self.progress, self.total, self.done = progress, max(total, 1), 0
+
+    def __call__(self, what: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(min(self.done / self.total, 1.0), what)
+
+
+def _part(progress: Progress | None, i: int, n: int) -> Progress | None:
+    """The progress of part i of n (0-based), reported as a fraction of the whole."""
+    if progress is None:
+        return None
+    return lambda f, what: progress((i + f) / n, what)
 
 
 # -- weights ----------------------------------------------------------------------------------------------------
@@ -178,7 +207,8 @@ def _verdict(est, expectation: float, reference: float, kind: str) -> str:
 
 
 def _mc_check(row: AuditRow, net, est, x, target, samples: int, seed: int, rows_per_pass: int,
-              weights: list[tuple[float, torch.Tensor]] | None = None) -> None:
+              weights: list[tuple[float, torch.Tensor]] | None = None, step: Callable[[str], None] | None = None,
+              ) -> None:
     """MC mean over `samples` draws must lie within 4 standard errors of the exact expectation."""
     if est.deterministic or samples <= 0:
         return
@@ -191,6 +221,8 @@ def _mc_check(row: AuditRow, net, est, x, target, samples: int, seed: int, rows_
     for w, xx in weights:  # oracle: mix over x with probability w, one stratified batch each
         r = estimate(net, est, xx, target, g, samples, rows_per_pass)
         vals.append((w, r.mean, r.stderr))
+        if step is not None:
+            step(f"{row.estimator}: Monte Carlo check")
     mean = sum(w * m for w, m, _ in vals)
     se = math.sqrt(sum((w * s) ** 2 for w, _, s in vals))
     row.mc_mean, row.mc_stderr = mean, se
@@ -200,9 +232,13 @@ def _mc_check(row: AuditRow, net, est, x, target, samples: int, seed: int, rows_
 
 def oracle_case(V: int, ell: int | None = None, base: int | None = None, source: str = "uniform",
                 perm_seed: int | None = None, perm_style: str = "megatron", L: int = 1,
-                estimators=("mc", "exact_count", "levels", "legacy_joint"), carry_over: bool = False,
-                mc_samples: int = 0, seed: int = 0, name: str | None = None) -> list[AuditRow]:
-    """Entropy floor: i.i.d. tokens, exact-conditional network; every valid estimator must give L·H."""
+                estimators=ORACLE_ESTIMATORS, carry_over: bool = False, mc_samples: int = 0, seed: int = 0,
+                name: str | None = None, progress: Progress | None = None) -> list[AuditRow]:
+    """Entropy floor: i.i.d. tokens, exact-conditional network; every valid estimator must give L·H.
+
+    `estimators` may include "iw": the importance-weighted estimator (`iw_values`), exact over reveal orders, mixed
+    over the token sequences like the others."""
+    estimators = estimators or ORACLE_ESTIMATORS
     probs = parse_source(source, V)
     st0 = SubTokenizer(V, ell=ell, base=base)
     perm = None if perm_seed is None else make_permutation(st0.num_codes, V, seed=perm_seed, style=perm_style)
@@ -213,18 +249,32 @@ def oracle_case(V: int, ell: int | None = None, base: int | None = None, source:
     target = torch.ones(L, dtype=torch.bool)
     label = name or (f"oracle {source} V={V} ℓ={st.ell} b={st.base} "
                      f"π={'id' if perm is None else f'seed{perm_seed}'} L={L}")
+    seqs = [(float(torch.prod(probs[list(xs)])), torch.tensor(xs)) for xs in itertools.product(support, repeat=L)]
+    plain = [en for en in estimators if en != "iw"]
+    mc_runs = sum(not PrimeEstimator(en, subtokenizer=st).deterministic for en in plain) if mc_samples > 0 else 0
+    step = _Steps(progress, len(seqs) * (len(plain) + mc_runs + ("iw" in estimators)))
     out = []
-    for en in estimators:
+    for en in plain:
         est = PrimeEstimator(en, subtokenizer=st, carry_over=carry_over)
-        total, mix = 0.0, []
-        for xs in itertools.product(support, repeat=L):
-            px = float(torch.prod(probs[list(xs)]))
-            total += px * exact_expectation(net, est, torch.tensor(xs), target)
-            mix.append((px, torch.tensor(xs)))
+        total = 0.0
+        for px, xs in seqs:
+            total += px * exact_expectation(net, est, xs, target)
+            step(f"{en}: exact expectation")
         row = AuditRow(label, en + (" +carry" if carry_over else ""), total, L * H, "L·H (true entropy)",
                        total - L * H, est.is_bound, _verdict(est, total, L * H, "H"))
-        _mc_check(row, net, est, None, target, mc_samples, seed, 4096, weights=mix)
+        _mc_check(row, net, est, None, target, mc_samples, seed, 4096, weights=seqs, step=step)
         out.append(row)
+    if "iw" in estimators:
+        twin = PrimeEstimator("mc", subtokenizer=st, carry_over=carry_over)
+        _check_iw_positions(L * st.ell)
+        mixed: dict[tuple[str, int], tuple[float, float]] = {}
+        for px, xs in seqs:
+            for key, (v, se) in iw_values(masked_nll_table(net, twin, xs, target), mc_draws=20_000).items():
+                m, var = mixed.get(key, (0.0, 0.0))
+                mixed[key] = (m + px * v, var + (px * se) ** 2)
+            step("iw: exact expectation over reveal orders")
+        values = {k: (m, math.sqrt(var)) for k, (m, var) in mixed.items()}
+        out += _iw_rows(label, values, L * H, "L·H (true entropy)", " +carry" if carry_over else "")
     return out
 
 
@@ -246,55 +296,69 @@ def _random_case(family, V, ell, base, perm_seed, context, target_len, model_see
 def model_case(family: str, V: int, *, ell: int | None = None, base: int | None = None, perm_seed: int | None = None,
                context: int = 2, target_len: int = 3, estimators=None, carry_over: bool = False,
                model_seed: int = 0, data_seed: int = 0, mc_samples: int = 2000, T: int | None = None,
-               scale: float = 1.0, name: str | None = None) -> list[AuditRow]:
-    """A random tiny network: every estimator's exact expectation against the exact any-order NLL."""
+               scale: float = 1.0, name: str | None = None, progress: Progress | None = None) -> list[AuditRow]:
+    """A random tiny network: every estimator's exact expectation against the exact any-order NLL.
+
+    `estimators` (default: the family's, without iw) may include "iw" (`iw_values`: uniform and Plackett–Luce
+    proposals, K in `IW_KS`, and the posterior proposal)."""
     net, st, x, target = _random_case(family, V, ell, base, perm_seed, context, target_len, model_seed, data_seed,
                                       scale)
+    names = list(estimators or (MDM_ESTIMATORS if family == "mdm" else PRIME_ESTIMATORS))
+    plain = [e for e in names if e != "iw"]
     if family == "mdm":
-        ests = [MDMEstimator(e, mask_id=V) for e in (estimators or ("mc", "exact_count", "levels", "chain_rule"))]
-        if T:
-            ests.append(MDMEstimator("mc", mask_id=V, T=T))
+        make = partial(MDMEstimator, mask_id=V)
         label = name or f"random MDM V={V} ctx={context} n={target_len}"
     else:
-        ests = [PrimeEstimator(e, subtokenizer=st, carry_over=carry_over)
-                for e in (estimators or ("mc", "exact_count", "levels", "legacy_joint"))]
-        if T:
-            ests.append(PrimeEstimator("mc", subtokenizer=st, carry_over=carry_over, T=T))
+        make = partial(PrimeEstimator, subtokenizer=st, carry_over=carry_over)
         label = name or (f"random Prime V={V} ℓ={st.ell} b={st.base} π={'id' if st.is_identity else 'shuffled'} "
                          f"ctx={context} n={target_len}{' carry-over' if carry_over else ''}")
-    table = masked_nll_table(net, ests[0], x, target)
-    ref = exact_nll(net, ests[0], x, target, table=table)
+    ests = [make(e) for e in plain] + ([make("mc", T=T)] if T else [])
+    if "iw" in names:
+        _check_iw_positions(target_len * (st.ell if st is not None else 1))
+    step = _Steps(progress, 1 + len(ests) * (1 + (mc_samples > 0)) + ("iw" in names))
+    twin = make("mc")  # the table of masked NLLs is the valid mc estimator's, whatever the estimator
+    table = masked_nll_table(net, twin, x, target)
+    ref = exact_nll(net, twin, x, target, table=table)
+    step("exact any-order NLL")
     out = []
     for est in ests:
         e = exact_expectation(net, est, x, target,
                               table=table if est.name in ("mc", "exact_count", "levels") else None)
         en = est.name + (f" T={est.T}" if getattr(est, "T", None) else "")
+        step(f"{en}: exact expectation")
         row = AuditRow(label, en, e, ref, "-log p (any-order process, exact)", e - ref, est.is_bound,
                        _verdict(est, e, ref, "nll"))
         _mc_check(row, net, est, x, target, mc_samples, model_seed + 1, 4096)
+        if mc_samples > 0:
+            step(f"{en}: Monte Carlo check")
         out.append(row)
+    if "iw" in names:
+        out += _iw_rows(label, iw_values(table), ref, "-log p (any-order process, exact)")
+        step("iw: exact expectation over reveal orders")
     return out
 
 
-def default_cases(fast: bool = False) -> list[AuditRow]:
+def default_cases(fast: bool = False, progress: Progress | None = None) -> list[AuditRow]:
     """The cases `prime-eval audit` runs by default (about 10-30 s on 2 CPU cores)."""
     mc = 0 if fast else 4000
-    rows = []
-    rows += oracle_case(4, ell=2, source="0.5,0,0,0.5", L=2, mc_samples=mc,
-                        name="oracle {00:½, 11:½} V=4 ℓ=2 L=2")
-    rows += oracle_case(16, base=2, source="zipf:1.1", perm_seed=0, L=1, mc_samples=mc)
-    rows += oracle_case(16, base=2, source="zipf:1.1", perm_seed=0, L=1, carry_over=True, mc_samples=mc,
-                        estimators=("mc",))
-    rows += oracle_case(27, ell=3, source="zipf:1.5", L=1, mc_samples=mc)
-    rows += model_case("mdm", 6, context=2, target_len=4, T=8, mc_samples=mc)
-    rows += model_case("prime", 6, ell=2, perm_seed=1, context=1, target_len=3, T=8, mc_samples=mc)
-    rows += model_case("prime", 6, ell=2, perm_seed=1, context=1, target_len=3, carry_over=True,
-                       estimators=("mc", "legacy_joint"), mc_samples=mc)
-    rows += model_case("prime", 8, base=2, perm_seed=2, context=2, target_len=4, mc_samples=mc,
-                       estimators=("mc", "exact_count", "levels", "legacy_joint"))
-    rows += iw_case("mdm", 6, context=1, target_len=4, Ks=(1, 4, 16))
-    rows += iw_case("prime", 8, base=2, perm_seed=1, context=1, target_len=2, Ks=(1, 4, 16))
-    return rows
+    cases = [
+        lambda p: oracle_case(4, ell=2, source="0.5,0,0,0.5", L=2, mc_samples=mc,
+                              name="oracle {00:½, 11:½} V=4 ℓ=2 L=2", progress=p),
+        lambda p: oracle_case(16, base=2, source="zipf:1.1", perm_seed=0, L=1, mc_samples=mc, progress=p),
+        lambda p: oracle_case(16, base=2, source="zipf:1.1", perm_seed=0, L=1, carry_over=True, mc_samples=mc,
+                              estimators=("mc",), progress=p),
+        lambda p: oracle_case(27, ell=3, source="zipf:1.5", L=1, mc_samples=mc, progress=p),
+        lambda p: model_case("mdm", 6, context=2, target_len=4, T=8, mc_samples=mc, progress=p),
+        lambda p: model_case("prime", 6, ell=2, perm_seed=1, context=1, target_len=3, T=8, mc_samples=mc,
+                             progress=p),
+        lambda p: model_case("prime", 6, ell=2, perm_seed=1, context=1, target_len=3, carry_over=True,
+                             estimators=("mc", "legacy_joint"), mc_samples=mc, progress=p),
+        lambda p: model_case("prime", 8, base=2, perm_seed=2, context=2, target_len=4, mc_samples=mc,
+                             estimators=("mc", "exact_count", "levels", "legacy_joint"), progress=p),
+        lambda p: iw_case("mdm", 6, context=1, target_len=4, Ks=(1, 4, 16), progress=p),
+        lambda p: iw_case("prime", 8, base=2, perm_seed=1, context=1, target_len=2, Ks=(1, 4, 16), progress=p),
+    ]
+    return [row for i, case in enumerate(cases) for row in case(_part(progress, i, len(cases)))]
 
 
 def total_probability(net, est, context: torch.Tensor, target_len: int) -> float:
@@ -360,10 +424,52 @@ def iw_exact_expectation(table: torch.Tensor, K: int, proposal: str = "uniform",
     return float(-iw.mean()), float(iw.std(ddof=1) / math.sqrt(mc_draws))
 
 
+def diffused_positions(kind: str, V: int, *, ell: int | None = None, base: int | None = None, tokens: int) -> int:
+    """Diffused positions of a case with `tokens` target tokens: tokens for MDM, tokens·ℓ sub-tokens for Prime and
+    the oracle (ℓ from `ell` or `base` as `SubTokenizer` derives it)."""
+    return tokens if kind == "mdm" else tokens * SubTokenizer(V, ell=ell, base=base).ell
+
+
+def _check_iw_positions(n: int) -> None:
+    if n > MAX_IW_POSITIONS:
+        raise UserError(f"the iw audit enumerates all n! reveal orders: n = {n} diffused positions is too many "
+                        f"(limit {MAX_IW_POSITIONS}); leave iw out of --estimators, or shorten the target / lower ℓ")
+
+
+def iw_values(table: torch.Tensor, Ks=IW_KS, proposals=IW_PROPOSALS,
+              mc_draws: int = 200_000) -> dict[tuple[str, int], tuple[float, float]]:
+    """(proposal, K) -> E[-IW_K] and its Monte Carlo SE (0 when exact), for every proposal and K in order, then
+    ("posterior", 2), whose value must equal the exact NLL (every weight is p(x))."""
+    out = {(proposal, K): iw_exact_expectation(table, K, proposal, mc_draws=mc_draws)
+           for proposal in proposals for K in Ks}
+    out[("posterior", 2)] = iw_exact_expectation(table, 2, "posterior", mc_draws=mc_draws)
+    return out
+
+
+def _iw_rows(label: str, values: dict[tuple[str, int], tuple[float, float]], ref: float, ref_kind: str,
+             suffix: str = "") -> list[AuditRow]:
+    """Rows of `iw_values`: each at or above `ref` (a bound), non-increasing in K per proposal, the posterior tight."""
+    out, prev = [], {}
+    for (proposal, K), (val, se) in values.items():
+        if proposal == "posterior":
+            verdict = "valid bound (tight)" if abs(val - ref) < 1e-9 * max(1.0, abs(ref)) else "POSTERIOR NOT TIGHT"
+            out.append(AuditRow(label, f"iw posterior K={K}{suffix}", val, ref, ref_kind, val - ref, True, verdict))
+            continue
+        verdict = "valid bound" if val >= ref - 1e-7 - 4 * se else "VIOLATES BOUND"
+        if val > prev.get(proposal, math.inf) + 1e-9 + 4 * se:
+            verdict = "NOT MONOTONE IN K"
+        prev[proposal] = val
+        row = AuditRow(label, f"iw {proposal} K={K}{suffix}", val, ref, ref_kind, val - ref, True, verdict)
+        if se:
+            row.mc_mean, row.mc_stderr, row.mc_verdict = val, se, "converges"
+        out.append(row)
+    return out
+
+
 def iw_case(family: str, V: int, *, ell: int | None = None, base: int | None = None, perm_seed: int | None = None,
-            context: int = 1, target_len: int = 2, Ks=(1, 2, 4, 16), proposals=("uniform", "pl"),
+            context: int = 1, target_len: int = 2, Ks=(1, 2, 4, 16), proposals=IW_PROPOSALS,
             carry_over: bool = False, model_seed: int = 0, data_seed: int = 0, scale: float = 1.0,
-            name: str | None = None) -> list[AuditRow]:
+            name: str | None = None, progress: Progress | None = None) -> list[AuditRow]:
     """IW_K against the exact NLL: below it in log-likelihood (above in NLL), non-increasing NLL in K."""
     net, st, x, target = _random_case(family, V, ell, base, perm_seed, context, target_len, model_seed, data_seed,
                                       scale)
@@ -373,25 +479,13 @@ def iw_case(family: str, V: int, *, ell: int | None = None, base: int | None = N
     else:
         est = PrimeEstimator("mc", subtokenizer=st, carry_over=carry_over)
         label = name or f"iw: random Prime V={V} ℓ={st.ell} b={st.base} ctx={context} n={target_len}"
+    step = _Steps(progress, 2)
     table = masked_nll_table(net, est, x, target)
     ref = exact_nll(net, est, x, target, table=table)
     elbo = exact_expectation(net, est, x, target, table=table)
+    step("exact any-order NLL and ELBO")
     out = [AuditRow(label, "mc (ELBO)", elbo, ref, "-log p (any-order process, exact)", elbo - ref, True,
                     _verdict(est, elbo, ref, "nll"))]
-    for proposal in proposals:
-        prev = math.inf
-        for K in Ks:
-            val, se = iw_exact_expectation(table, K, proposal)
-            verdict = "valid bound" if val >= ref - 1e-7 - 4 * se else "VIOLATES BOUND"
-            if val > prev + 1e-9 + 4 * se:
-                verdict = "NOT MONOTONE IN K"
-            prev = val
-            row = AuditRow(label, f"iw {proposal} K={K}", val, ref, "-log p (any-order process, exact)", val - ref,
-                           True, verdict)
-            if se:
-                row.mc_mean, row.mc_stderr, row.mc_verdict = val, se, "converges"
-            out.append(row)
-    val, _ = iw_exact_expectation(table, 2, "posterior")
-    out.append(AuditRow(label, "iw posterior K=2", val, ref, "-log p (any-order process, exact)", val - ref, True,
-                        "valid bound (tight)" if abs(val - ref) < 1e-9 else "POSTERIOR NOT TIGHT"))
+    out += _iw_rows(label, iw_values(table, Ks, proposals), ref, "-log p (any-order process, exact)")
+    step("iw: exact expectation over reveal orders")
     return out

@@ -29,13 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in COMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:  # a subcommand whose module is not there yet
-            if e.name != module:
-                raise
-            continue
+    for _, module in COMMANDS:
+        mod = importlib.import_module(module)  # a missing module is a bug: it fails here, loudly
         p = mod.register(sub)
         p.set_defaults(_main=mod.main)
     return parser

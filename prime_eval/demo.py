@@ -506,42 +506,23 @@ def ensure_models(settings: DemoSettings, data: SyntheticData, cache_dir: Path, 
 
 def score_model(family: str, art: ModelArtifacts, settings: DemoSettings, tasks_dir: Path, runs_dir: Path,
                 task_names: list[str]) -> Path:
-    """Score one model on the synthetic tasks exactly as `prime-eval score` does (adapter, lm-eval's
-    `simple_evaluate`, EvaluationTracker files, the adapter's per-request statistics), with a task index that
-    holds only the synthetic tasks (building lm-eval's full index would cost ~10 s per model). Returns the results
-    JSON path."""
-    import lm_eval
-    from lm_eval.loggers import EvaluationTracker
+    """Score one model on the synthetic tasks with the run `prime-eval score` makes (`prime_eval.lm_eval_run`: the
+    registered adapter, lm-eval's `simple_evaluate`, its files, the adapter's per-request statistics), with a task
+    index that holds only the synthetic tasks (building lm-eval's full index would cost ~10 s per model). The
+    adapters must be registered (`import model_adapters`; `prime-eval demo` does). Returns the results JSON path."""
     from lm_eval.tasks import TaskManager
 
-    from prime_eval.commands import score as S
+    from prime_eval import lm_eval_run as R
 
-    cls = S.get_model_class(family, S.load_adapters())
     extra = {"seed": settings.seed, "rows_per_pass": 256}
     if family != "arm":
         extra.update(samples=settings.score_samples, greedy="false")
     model_args = art.model_args(family, settings, **extra)
-    lm = cls.create_from_arg_string(model_args, {"batch_size": None, "max_batch_size": None, "device": "cpu"})
-    tm = TaskManager(include_path=[str(tasks_dir)], include_defaults=False)
-    tracker = EvaluationTracker(output_path=str(runs_dir))
-    results = lm_eval.simple_evaluate(
-        model=lm, model_args=model_args, tasks=task_names, task_manager=tm, log_samples=True,
-        evaluation_tracker=tracker, random_seed=settings.seed, numpy_random_seed=settings.seed,
-        torch_random_seed=settings.seed, fewshot_random_seed=settings.seed, verbosity="ERROR")
-    results["config"]["model"] = family
-    gct = tracker.general_config_tracker
-    gct.model_source = family
-    gct.model_name = gct.model_name_sanitized = f"{family}-demo"
-    samples = results.pop("samples")
-    tracker.save_results_aggregated(results=results, samples=samples)
-    out_dir = runs_dir / gct.model_name_sanitized
-    for task_name in results["configs"]:
-        tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
-    lm.finalize_run(out_dir, tracker.date_id)
-    path = out_dir / f"results_{tracker.date_id}.json"
-    if not path.is_file():
-        raise UserError(f"lm-eval did not write {path}")
-    return path
+    plan = R.prepare_tasks(task_names, TaskManager(include_path=[str(tasks_dir)], include_defaults=False))
+    lm = R.model_spec(family, model_args, device="cpu").build()
+    out = R.run(lm, plan, model=family, model_args=model_args, output_path=runs_dir, display_name=f"{family}-demo",
+                log_samples=True, seeds=(settings.seed,) * 4, verbosity="ERROR")
+    return out.results_file
 
 
 def read_accuracy(results_file: Path) -> dict:

@@ -22,7 +22,8 @@ online and offline.
 
 Public API:
     TASKS, TASKS_DIR, TAGS, load_groups(), expand(names), split_task_list(value), task_file(data_dir, task),
-    check_offline(names, data_dir), offline_config(spec, data_dir),
+    check_offline(names, data_dir), check_jsonl(path), offline_config(spec, data_dir),
+    task_yaml(config, comment), write_task_yaml(path, config, comment),
     write_offline_tasks(data_dir, tasks=None, cache_dir=None), build_task_manager(data_dir=None, tasks=None, ...),
     resolve_tasks(names, task_manager, data_dir=None)
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from prime_eval.errors import UserError
+from prime_eval.io import atomic_write_text
 
 if TYPE_CHECKING:  # lm_eval is imported lazily: it is slow to import
     from lm_eval.tasks import TaskManager
@@ -208,31 +211,70 @@ def _default_cache_dir(data_dir: Path) -> Path:
     return root / "offline_tasks" / key
 
 
+def task_yaml(config: dict, comment: str | None = None) -> str:
+    """The text of an lm-eval task YAML: `# comment` lines, then `config` in its key order (`yaml.safe_dump`, so
+    any string, path or null round-trips). The one place this project writes task YAML."""
+    head = "".join(f"# {line}\n" for line in comment.splitlines()) if comment else ""
+    return head + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+
+
+def write_task_yaml(path: str | Path, config: dict, comment: str | None = None) -> Path:
+    """Write `task_yaml(config, comment)` to `path` atomically; a file that already holds that text is left as it
+    is (concurrent runs may share the folder). Returns the path."""
+    path, text = Path(path), task_yaml(config, comment)
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        atomic_write_text(path, text)
+    return path
+
+
+def check_jsonl(path: str | Path) -> None:
+    """Every non-blank line of `path` is one JSON object, and there is at least one: else a UserError naming the
+    file and the line (datasets would fail later with several chained pyarrow tracebacks)."""
+    path, rows = Path(path), 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}, line {n}: not UTF-8 ({e.reason}); save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}, line {n}: not valid JSON ({e.msg}, column {e.colno}); each line must be "
+                                "one JSON object (fix or delete that line)") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}, line {n}: a JSON {type(row).__name__}, not an object; each line must be "
+                                "one JSON object with the hub's field names (docs/tasks.md)")
+            rows += 1
+    if rows == 0:
+        raise UserError(f"{path} holds no documents; put one JSON object per line (docs/tasks.md)")
+
+
 def write_offline_tasks(data_dir: str | Path, tasks: Iterable[str] | None = None,
                         cache_dir: str | Path | None = None) -> Path:
     """Write one overriding YAML for every known task whose evaluated split is present under `data_dir` into
     `cache_dir` (default: a folder per data dir under `$PRIME_EVAL_CACHE`, else `~/.cache/prime-eval`); return it.
 
-    `tasks`: names or groups that must be runnable; they are checked first (`check_offline`), so a missing file
-    fails with its expected path. The folder's content depends only on `data_dir`, so concurrent runs on the same
-    data dir can share it (files are replaced atomically).
+    `tasks`: names or groups that must be runnable; they are checked first (`check_offline`: a missing file fails
+    with its expected path; `check_jsonl` on each of their files: a malformed line fails with its file and line).
+    The folder's content depends only on `data_dir`, so concurrent runs on the same data dir can share it (files
+    are replaced atomically).
     """
     data_dir = Path(data_dir).expanduser().resolve()
     if tasks is not None:
-        check_offline(tasks, data_dir)
+        for t in check_offline(tasks, data_dir):
+            for f in offline_config(TASKS[t], data_dir)["dataset_kwargs"]["data_files"].values():
+                check_jsonl(f)
     elif not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir} is not a folder (expected DIR/<task>/<split>.jsonl, see docs/tasks.md)")
     available = [t for t in TASKS if task_file(data_dir, t).is_file()]
     out = Path(cache_dir) if cache_dir is not None else _default_cache_dir(data_dir)
     out.mkdir(parents=True, exist_ok=True)
     for t in available:
-        text = "# generated by prime_eval.tasks.write_offline_tasks; do not edit\n" + yaml.safe_dump(
-            offline_config(TASKS[t], data_dir), sort_keys=False)
-        target = out / f"{t}.yaml"
-        if not target.is_file() or target.read_text(encoding="utf-8") != text:
-            tmp = out / f".{t}.yaml.tmp{os.getpid()}"
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, target)
+        write_task_yaml(out / f"{t}.yaml", offline_config(TASKS[t], data_dir),
+                        "generated by prime_eval.tasks.write_offline_tasks; do not edit")
     for stale in set(out.glob("*.yaml")) - {out / f"{t}.yaml" for t in available}:
         stale.unlink(missing_ok=True)  # a task whose file has since been removed from data_dir
     return out

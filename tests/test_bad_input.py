@@ -153,6 +153,75 @@ def test_unknown_task_and_missing_split(files, tmp_path, capsys):
                       "--data-dir lacks the evaluated split of piqa", str(data / "piqa" / "validation.jsonl"))
 
 
+# -- checked before the model is loaded -----------------------------------------------------------------------------
+# Each case names a checkpoint that does not exist: had the model been loaded first, the error would be
+# "checkpoint not found" instead of the one asked for.
+@pytest.mark.parametrize("limit, needle", [("0", "--limit 0: give a number of documents per task"),
+                                           ("-3", "--limit -3: give a number of documents per task"),
+                                           ("2.5", "--limit 2.5: a count of documents must be a whole number")])
+def test_bad_limit(files, capsys, limit, needle):
+    argv = score(files, "mdm", mdm_args(files, "missing.pth"))
+    argv[argv.index("--limit") + 1] = limit
+    assert_user_error(*run(argv, capsys), needle)
+
+
+@pytest.mark.parametrize("samples, needles", [
+    ('{"piqa": [999999]}', ["'piqa' has 1838 documents (indices 0 to 1837)", "999999"]),
+    ('{"piqa": [-1]}', ["negative indices [-1]"]),
+    ('{"piqa": [3, 3]}', ["indices [3] more than once"]),
+    ('{"pqia": [1]}', ["names 'pqia', which this run does not score", "its tasks are piqa"]),
+    ('{"piqa": 3}', ["needs a non-empty list of integer document indices"]),
+])
+def test_bad_samples(files, capsys, samples, needles):
+    argv = [a for a in score(files, "mdm", mdm_args(files, "missing.pth")) if a not in ("--limit", "2")]
+    assert_user_error(*run([*argv, "--samples", samples], capsys), "--samples", *needles)
+
+
+def test_samples_that_are_not_json(files, capsys):
+    argv = [a for a in score(files, "mdm", mdm_args(files, "missing.pth")) if a not in ("--limit", "2")]
+    with pytest.raises(SystemExit) as e:  # argparse: usage and one error line
+        cli_main([*argv, "--samples", '{"piqa": [1'])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and "is not JSON" in err and '{"piqa": [0, 5]}' in err
+
+
+@pytest.mark.parametrize("line, needle", [
+    ('{"goal": "x", "sol1": \n', "line 3: not valid JSON (Expecting value, column 23)"),
+    ('["a list"]\n', "line 3: a JSON list, not an object"),
+    (b"\xff\xfe{}\n", "line 3: not UTF-8"),
+])
+def test_malformed_data_file_names_file_and_line(files, tmp_path, capsys, line, needle):
+    data = tmp_path / "data"
+    (data / "piqa").mkdir(parents=True)
+    good = (files["data"] / "piqa" / "validation.jsonl").read_bytes().splitlines(keepends=True)
+    bad = line if isinstance(line, bytes) else line.encode()
+    (data / "piqa" / "validation.jsonl").write_bytes(b"".join(good[:2]) + bad + b"".join(good[2:5]))
+    assert_user_error(*run(score(files, "mdm", mdm_args(files, "missing.pth"), data=data), capsys),
+                      f"{data / 'piqa' / 'validation.jsonl'}, {needle}")
+    (data / "piqa" / "validation.jsonl").write_text("\n")
+    assert_user_error(*run(score(files, "mdm", mdm_args(files, "missing.pth"), data=data), capsys),
+                      "validation.jsonl holds no documents")
+
+
+def test_device_given_twice(files, tmp_path, capsys):
+    """`device` in --model_args alone is used (lm-eval's rule); given both ways and different, it is an error."""
+    argv = score(files, "mdm", mdm_args(files, "missing.pth", device="cpu"), "--device", "meta")
+    assert_user_error(*run(argv, capsys), "--device meta and the model argument device=cpu disagree",
+                      "give the device once")
+    out = tmp_path / "runs"
+    rc, err = run(score(files, "mdm", mdm_args(files, samples=2, device="cpu"), "-o", str(out)), capsys)
+    assert rc == 0, err
+    (res,) = out.glob("*/results_*.json")
+    assert json.loads(res.read_text())["config"]["device"] == "cpu"
+
+
+def test_lm_eval_model_that_cannot_be_built(files, capsys):
+    """The docs/tasks.md smoke test offline: lm-eval's `hf` cannot reach the hub. One line, like our adapters."""
+    argv = score(files, "hf", "pretrained=gpt2")
+    assert_user_error(*run(argv, capsys), "model 'hf' could not be built from --model_args 'pretrained=gpt2'",
+                      "OSError", "pass a local folder (e.g. pretrained=DIR)")
+
+
 def test_report_of_incompatible_or_broken_results(tmp_path, capsys):
     old = tmp_path / "old" / "results_2023.json"  # lm-eval 0.3: metric keys without the ",none" filter suffix
     old.parent.mkdir()

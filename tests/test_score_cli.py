@@ -9,6 +9,7 @@ import pytest
 
 from prime_eval.cli import main as cli_main
 from prime_eval.commands import score
+from prime_eval.lm_eval_run import model_dir_name
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
@@ -80,7 +81,7 @@ def test_score_hf_offline_writes_results_and_samples(tiny_gpt2, shared_data, tmp
                    "--bootstrap_iters", "0"])
     assert rc == 0
     [folder] = list(out.iterdir())
-    assert folder.name == score.model_dir_name("hf", f"pretrained={tiny_gpt2}")
+    assert folder.name == model_dir_name("hf", f"pretrained={tiny_gpt2}")
     [results_file] = list(folder.glob("results_*.json"))
     [samples_file] = list(folder.glob("samples_piqa_*.jsonl"))
     assert samples_file.name == results_file.name.replace("results_", "samples_piqa_").replace(".json", ".jsonl")
@@ -137,3 +138,54 @@ def test_clear_errors(tmp_path, capsys):
     assert rc == 2 and "unknown model 'nope'" in err and "hf" in err
     rc, err = run("--model", "hf", "--tasks", "sciq", "--log_samples")
     assert rc == 2 and "--log_samples needs --output_path" in err
+
+
+def test_missing_subcommand_module_is_an_error(monkeypatch):
+    """A subcommand whose module is missing is a bug: the CLI fails loudly instead of dropping the subcommand."""
+    from prime_eval import cli
+
+    monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, ("nope", "prime_eval.commands.nope")])
+    with pytest.raises(ModuleNotFoundError, match="prime_eval.commands.nope"):
+        cli.build_parser()
+
+
+def test_the_run_imports_neither_the_cli_nor_the_adapters():
+    """`prime_eval.lm_eval_run` and the demo's scoring take a registered name or an LM: the command layer registers
+    the adapters (import direction: adapter -> lm-eval run, never the reverse)."""
+    import ast
+    import inspect
+    import subprocess
+    import sys
+    import textwrap
+
+    from prime_eval import demo, lm_eval_run
+
+    for src in (inspect.getsource(lm_eval_run), textwrap.dedent(inspect.getsource(demo.score_model))):
+        imported = [n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(ast.parse(src))
+                    if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names]
+        assert not [m for m in imported if m and m.startswith(("model_adapters", "prime_eval.commands"))], imported
+    code = ("import sys, prime_eval.lm_eval_run, prime_eval.demo; "
+            "print(sorted(m for m in sys.modules if m.startswith(('model_adapters', 'prime_eval.commands'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_model_spec_checks_arguments_without_building(monkeypatch):
+    from prime_eval import lm_eval_run as R
+    from prime_eval.errors import UserError
+
+    _register_test_models()
+    spec = R.model_spec("prime_eval_test_hook", "checkpoint=a.pt,batch_size=4", batch_size="4", device=None,
+                        default_device="cpu")
+    assert spec.kwargs == {"checkpoint": "a.pt", "batch_size": "4", "device": "cpu"}
+    with pytest.raises(UserError, match="--batch_size 8 and the model argument batch_size=4 disagree"):
+        R.model_spec("prime_eval_test_hook", "batch_size=4", batch_size="8")
+    # the settings hook sees the merged arguments before any weights are read
+    cls = spec.cls
+
+    def check(args):
+        raise UserError(f"bad arguments {sorted(args)}")
+
+    monkeypatch.setattr(cls, "check_model_args", staticmethod(check), raising=False)
+    with pytest.raises(UserError, match=r"bad arguments \['checkpoint', 'device'\]"):
+        R.model_spec("prime_eval_test_hook", "checkpoint=a.pt", device="cpu")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 
@@ -36,12 +37,14 @@ def register(sub) -> argparse.ArgumentParser:
     case.add_argument("--target-len", type=int, default=3, help="random network: diffused target tokens")
     case.add_argument("--T", type=int, help="also audit the discrete-time T-step bound")
     case.add_argument("--model-seed", type=int, default=0, help="random network seed")
-    case.add_argument("--estimators", help="comma list (default: all of the family)")
+    case.add_argument("--estimators", help="comma list (default: all of the family, and iw when the target has at "
+                      "most 8 diffused positions: it enumerates all n! reveal orders)")
     return p
 
 
 def main(args) -> int:
     from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
     from prime_eval import audit
@@ -51,21 +54,28 @@ def main(args) -> int:
     console = Console(stderr=args.json)
     if not console.is_terminal:
         console.width = max(console.width, 150)
-    with console.status("enumerating masks and reveal orders ..."):
-        ests = tuple(args.estimators.split(",")) if args.estimators else None
+    ests, skipped = _estimators(args)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True),
+                  transient=True) as bar:  # stderr: `--json` keeps stdout for the JSON
+        task = bar.add_task("audit: enumerating masks and reveal orders", total=1.0)
+
+        def progress(fraction: float, what: str) -> None:
+            bar.update(task, completed=fraction, description=f"audit: {what}")
+
         if args.kind is None:
-            rows = audit.default_cases(fast=args.fast)
+            rows = audit.default_cases(fast=args.fast, progress=progress)
         elif args.kind == "oracle":
-            if args.ell is None and args.base is None:
-                args.base = 2
             rows = audit.oracle_case(args.V, ell=args.ell, base=args.base, source=args.source,
                                      perm_seed=args.perm_seed, L=args.L, carry_over=args.carry_over,
-                                     mc_samples=mc, **({"estimators": ests} if ests else {}))
+                                     mc_samples=mc, estimators=ests, progress=progress)
         else:
             rows = audit.model_case(args.kind, args.V, ell=args.ell, base=args.base if args.kind == "prime" else None,
                                     perm_seed=args.perm_seed, context=args.context, target_len=args.target_len,
                                     carry_over=args.carry_over, model_seed=args.model_seed, mc_samples=mc,
-                                    T=args.T, estimators=ests)
+                                    T=args.T, estimators=ests, progress=progress)
+    if skipped:
+        Console(stderr=True).print(skipped, markup=False, highlight=False, soft_wrap=True)
     failed = [r for r in rows if r.is_bound_by_construction and r.verdict.isupper()]
     mc_off = [r for r in rows if r.mc_verdict and r.mc_verdict != "converges"]
     if args.json:
@@ -95,3 +105,23 @@ def main(args) -> int:
                          f"[bold red]{len(failed)} valid-by-construction rows violate the bound[/]")
                       + ("" if not mc_off else f"; [bold red]{len(mc_off)} MC means off[/]"))
     return 1 if failed or mc_off else 0
+
+
+def _estimators(args) -> tuple[tuple[str, ...] | None, str]:
+    """The estimators of a custom case (None for the default cases), and a note when iw was left out of the default
+    list because the case has too many diffused positions to enumerate its reveal orders."""
+    from prime_eval import audit
+
+    if args.kind is None:
+        return None, ""
+    if args.kind == "oracle" and args.ell is None and args.base is None:
+        args.base = 2
+    if args.estimators:
+        return tuple(e.strip() for e in args.estimators.split(",") if e.strip()), ""
+    family = {"oracle": audit.ORACLE_ESTIMATORS, "mdm": audit.MDM_ESTIMATORS, "prime": audit.PRIME_ESTIMATORS}
+    n = audit.diffused_positions(args.kind, args.V, ell=args.ell, base=args.base,
+                                 tokens=args.L if args.kind == "oracle" else args.target_len)
+    if n > audit.MAX_IW_POSITIONS:
+        return family[args.kind], (f"iw not audited: {n} diffused positions have {math.factorial(n):,} reveal orders "
+                                   f"(limit {audit.MAX_IW_POSITIONS}); shorten the target or lower ℓ to include it")
+    return family[args.kind] + ("iw",), ""

@@ -34,6 +34,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args) -> int:
+    import model_adapters  # noqa: F401  (registers the lm-eval models arm, mdm, prime that the demo scores)
     from prime_eval.demo import run_demo
 
     run_demo(args.out, cache_dir=args.cache_dir, seed=args.seed, quick=args.quick, retrain=args.retrain,

@@ -9,23 +9,16 @@ runs `lm_eval.simple_evaluate`, and writes exactly what `lm_eval --output_path .
 `--data-dir DIR` runs every task from `DIR/<task>/<split>.jsonl` (docs/tasks.md).
 
 Scale-out (docs/scale-out.md): under `torchrun --nproc_per_node N -m prime_eval.cli score ...` every rank scores
-its share of the documents (lm-eval's sharding), rank 0 gathers and writes; `--cache-dir DIR` makes the run
-resumable (our adapters' SQLite cache). Output files appear atomically: lm-eval writes them into a hidden staging
-folder, then each is moved into place (the results JSON last). The output folder is checked (writable, free space)
-before any task or model is loaded.
+its share of the documents (lm-eval's sharding), rank 0 gathers (in document order) and writes; `--cache-dir DIR`
+makes the run resumable (our adapters' SQLite cache). Output files appear atomically.
 
-Hooks an adapter may implement (all optional; lm-eval's own models have none of them):
-
-* `is_stochastic: bool` (class attribute or property). True means log-likelihoods are Monte Carlo estimates:
-  `--use_cache` is then refused, because lm-eval's response cache keys only on the request text, not on the
-  model, estimator, number of samples or seed. If absent, `mdm` and `prime` count as stochastic.
-* `finalize_run(output_dir: pathlib.Path, date_id: str) -> list[pathlib.Path]` (see `RunFinalizer`): called once
-  after lm-eval has written `output_dir/results_<date_id>.json` (and the samples files), so the adapter can write
-  its per-request statistics next to them as `output_dir/stats_<task>_<date_id>.jsonl`. Returns the files written.
-* `get_model_info() -> dict` (lm-eval's own hook): merged into the results JSON's `config` after the run.
-* `gather_run_state() -> None`: collective, called on every rank after the evaluation (before `finalize_run` and
-  `get_model_info` on rank 0), so a data-parallel adapter can bring its per-rank state to rank 0.
-* `cache_dir` (a constructor argument): set from `--cache-dir` for the models in `CACHE_MODELS`.
+Order of work: arguments and the output folder are checked first, then the model's class and arguments, then every
+task is built (its data read, `--limit` / `--samples` checked against it), and only then is the model loaded: a bad
+input fails in seconds, not after the weights are read. The run itself (`simple_evaluate`, gather, the adapters'
+hooks, atomic publish) is `prime_eval.lm_eval_run.run`, which the demo uses too; the hooks an adapter may implement
+are listed there. This module registers the adapters (`import model_adapters`) and refuses `--use_cache` for
+stochastic models: lm-eval's response cache keys only on the request text, not on the model, estimator, number of
+samples or seed. A model whose `is_stochastic` attribute is absent counts as stochastic when named `mdm` or `prime`.
 """
 from __future__ import annotations
 
@@ -34,28 +27,15 @@ import importlib
 import json
 import math
 import os
-import shutil
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from prime_eval.errors import UserError
+from prime_eval.lm_eval_run import DEFAULT_SEEDS
 
 ADAPTERS = ("arm", "mdm", "prime")  # lm-eval names registered by model_adapters/<name>.py
 CACHE_MODELS = ADAPTERS  # models that take a `cache_dir` argument (prime_eval.cache)
 _STOCHASTIC_BY_DEFAULT = {"mdm", "prime"}
-_DEFAULT_SEEDS = (0, 1234, 1234, 1234)  # lm-eval's python, numpy, torch, fewshot seeds
-
-
-@runtime_checkable
-class RunFinalizer(Protocol):
-    """An LM that writes its own files next to lm-eval's after a `prime-eval score` run."""
-
-    def finalize_run(self, output_dir: Path, date_id: str) -> list[Path]:
-        """Write per-run files into `output_dir` (it holds `results_<date_id>.json`); return their paths.
-
-        Called once per run, on rank 0, only when `--output_path` is given and the evaluation succeeded.
-        """
-        ...
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -80,19 +60,20 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--include_path", default=None, metavar="DIR", help="extra folder of lm-eval task YAMLs")
     p.add_argument("--limit", "-L", type=float, default=None,
                    help="documents per task (an integer count, or a fraction < 1); for testing only")
-    p.add_argument("--samples", "-E", type=json.loads, default=None, metavar="JSON",
+    p.add_argument("--samples", "-E", type=_parse_samples, default=None, metavar="JSON",
                    help='document indices per task, e.g. \'{"piqa": [0, 5]}\' (not with --limit)')
     p.add_argument("--num_fewshot", "-f", type=int, default=None, help="few-shot examples (default: the task's, 0)")
     p.add_argument("--batch_size", "-b", default=None,
                    help="passed to the model constructor (lm-eval semantics: int, 'auto', 'auto:N')")
     p.add_argument("--max_batch_size", type=int, default=None, help="cap for --batch_size auto")
     p.add_argument("--device", default=None,
-                   help="passed to the model constructor (cpu, cuda, cuda:0, ...); default: cpu when CUDA is absent")
+                   help="passed to the model constructor (cpu, cuda, cuda:0, ...); default: the model argument "
+                   "device= if given (the two must agree when both are), else cpu when CUDA is absent")
     p.add_argument("--output_path", "-o", default=None, metavar="PATH",
                    help="folder (or .json file) for results; results go to PATH/<model>/results_<date>.json")
     p.add_argument("--log_samples", "-s", action="store_true",
                    help="also write samples_<task>_<date>.jsonl (every request and response); needs --output_path")
-    p.add_argument("--seed", type=_parse_seed, default=list(_DEFAULT_SEEDS), metavar="N|P,N,T,F",
+    p.add_argument("--seed", type=_parse_seed, default=list(DEFAULT_SEEDS), metavar="N|P,N,T,F",
                    help="lm-eval's python,numpy,torch,fewshot seeds: one int for all, or four (None to skip); "
                    "default 0,1234,1234,1234. The estimator's Monte Carlo seed is the model argument `seed`.")
     p.add_argument("--bootstrap_iters", type=int, default=100000,
@@ -111,6 +92,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def _parse_samples(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{value!r} is not JSON ({e.msg}); give document indices per task, e.g. "
+                                         '\'{"piqa": [0, 5]}\'')
+
+
 def _parse_seed(value: str) -> list[int | None]:
     items = [v.strip().lower() for v in value.split(",")]
     try:
@@ -124,39 +113,10 @@ def _parse_seed(value: str) -> list[int | None]:
     return seeds
 
 
-def load_adapters() -> dict[str, str | None]:
-    """Import `model_adapters.{arm,mdm,prime}` so their `@register_model` runs; lm-eval's built-ins (`hf`, ...) are
-    registered first. Returns name -> None when imported, or the reason it is unavailable (module not written yet).
-    Errors inside an adapter module other than its own absence propagate.
-    """
-    import lm_eval.models  # noqa: F401  (registers hf, dummy, ... as lazy placeholders)
-
-    status: dict[str, str | None] = {}
-    for name in ADAPTERS:
-        module = f"model_adapters.{name}"
-        try:
-            importlib.import_module(module)
-            status[name] = None
-        except ModuleNotFoundError as e:
-            if e.name not in (module, "model_adapters"):
-                raise
-            status[name] = f"{module} is not installed"
-    return status
-
-
-def get_model_class(name: str, adapter_status: dict[str, str | None] | None = None) -> type:
-    """The registered lm-eval model class for `name`, or a UserError listing the known names."""
-    from lm_eval.api.registry import get_model, model_registry
-
-    adapter_status = load_adapters() if adapter_status is None else adapter_status
-    if name not in model_registry:
-        why = adapter_status.get(name)
-        extra = f" ({why})" if why else ""
-        raise UserError(f"unknown model {name!r}{extra}. Known models: {', '.join(sorted(model_registry.keys()))}")
-    try:
-        return get_model(name)
-    except ImportError as e:
-        raise UserError(f"model {name!r} could not be imported: {e}") from e
+def load_adapters() -> None:
+    """Register the adapters `arm`, `mdm` and `prime` with lm-eval (importing `model_adapters` does; lm-eval's
+    built-ins such as `hf` are registered first)."""
+    importlib.import_module("model_adapters")
 
 
 def is_stochastic(model_name: str, obj: Any) -> bool:
@@ -175,32 +135,13 @@ def _refuse_cache(model_name: str) -> UserError:
         "Use --cache-dir DIR instead (keyed on all of these; resumable), or drop --use_cache.")
 
 
-def model_name(model: str, model_args: str) -> str:
-    """The model name lm-eval's tracker records and names the output folder after: the value of the first of
-    peft/delta/pretrained/model/path/engine in `model_args` (lm-eval's rule), else our adapters' `checkpoint`,
-    else `model` (lm-eval itself would fall back to a random id)."""
-    from lm_eval.loggers.evaluation_tracker import GeneralConfigTracker
-    from lm_eval.utils import simple_parse_args_string
-
-    name = GeneralConfigTracker._get_model_name(model_args)
-    if name is None:
-        name = str(simple_parse_args_string(model_args).get("checkpoint", model))
-    return name
-
-
-def model_dir_name(model: str, model_args: str) -> str:
-    """The folder under `--output_path` that holds the run's files: `model_name`, sanitized as lm-eval does."""
-    from lm_eval.utils import sanitize_model_name
-
-    return sanitize_model_name(model_name(model, model_args))
-
-
 def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rich.console import Console
     from rich.markup import escape
 
     from prime_eval import distributed as D
+    from prime_eval import lm_eval_run as R
     from prime_eval import tasks as T
     from prime_eval.io import check_output_dir
 
@@ -212,7 +153,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--log_samples needs --output_path (the folder the samples are written to)")
     if args.limit is not None and args.samples is not None:
         raise UserError("--limit and --samples cannot be combined")
-    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    limit, samples = R.check_limit(args.limit), R.check_samples(args.samples)
     if not args.cache_dir and args.model in CACHE_MODELS and "cache_dir=" not in model_args:
         args.cache_dir = os.environ.get("PRIME_EVAL_CACHE_DIR") or None
     if args.cache_dir:
@@ -230,92 +171,40 @@ def main(args: argparse.Namespace) -> int:
     if args.cache_dir:
         check_output_dir(args.cache_dir, what="--cache-dir")
 
-    # 1. tasks first: a typo or a missing data file fails before any model is loaded
+    # 1. the model's class and arguments (no weights read)
+    load_adapters()
+    spec = R.model_spec(args.model, model_args, batch_size=args.batch_size, max_batch_size=args.max_batch_size,
+                        device=args.device, default_device=_default_device())
+    if args.use_cache and is_stochastic(args.model, spec.cls):
+        raise _refuse_cache(args.model)
+
+    # 2. tasks: names, data files, datasets, --limit / --samples against them; all before the model is loaded
     where = f"offline from {args.data_dir}" if args.data_dir else "from the Hugging Face hub"
-    with err.status(f"indexing tasks ({where})"):
+    with err.status(f"loading tasks ({where})"):
         task_manager = T.build_task_manager(args.data_dir, names, include_path=args.include_path)
         T.resolve_tasks(names, task_manager)
+        plan = R.prepare_tasks(names, task_manager, limit=limit, samples=samples)
 
-    # 2. model
-    status = load_adapters()
-    cls = get_model_class(args.model, status)
-    if args.use_cache and is_stochastic(args.model, cls):
-        raise _refuse_cache(args.model)
-    device = args.device if args.device is not None else _default_device()
+    # 3. model
     with err.status(f"loading model {args.model} ({model_args or 'default arguments'})"):
-        lm = cls.create_from_arg_string(
-            model_args, {"batch_size": args.batch_size, "max_batch_size": args.max_batch_size, "device": device})
+        lm = spec.build()
     if args.use_cache and is_stochastic(args.model, lm):
         raise _refuse_cache(args.model)
 
-    # 3. evaluate, exactly as lm-eval's CLI does
-    import lm_eval
-    from lm_eval.loggers import EvaluationTracker
-
-    tracker = EvaluationTracker(output_path=args.output_path)  # redirected to a staging folder when saving
+    # 4. evaluate, exactly as lm-eval's CLI does, and publish the files
     err.print(f"[bold]scoring[/] {escape(args.model)} on {escape(', '.join(names))} ({escape(where)}"
               + (f", limit {limit}" if limit is not None else "") + ")")
-    results = lm_eval.simple_evaluate(
-        model=lm, model_args=model_args, tasks=names, task_manager=task_manager,
-        num_fewshot=args.num_fewshot, batch_size=args.batch_size, max_batch_size=args.max_batch_size,
-        device=device, use_cache=args.use_cache, limit=limit, samples=args.samples,
-        bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples, evaluation_tracker=tracker,
-        gen_kwargs=args.gen_kwargs, predict_only=args.predict_only, write_out=args.write_out,
-        verbosity=args.verbosity, random_seed=args.seed[0], numpy_random_seed=args.seed[1],
-        torch_random_seed=args.seed[2], fewshot_random_seed=args.seed[3],
-    )
-    gather = getattr(lm, "gather_run_state", None)
-    if callable(gather):
-        gather()  # collective: every rank, before rank 0 writes
-    if results is None:  # not rank 0
+    out = R.run(lm, plan, model=args.model, model_args=model_args, output_path=args.output_path,
+                log_samples=args.log_samples, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                max_batch_size=args.max_batch_size, device=spec.kwargs.get("device"), use_cache=args.use_cache,
+                bootstrap_iters=args.bootstrap_iters, gen_kwargs=args.gen_kwargs, predict_only=args.predict_only,
+                write_out=args.write_out, verbosity=args.verbosity, seeds=args.seed)
+    if out is None:  # not rank 0
         return 0
-    if hasattr(lm, "get_model_info"):  # again, now with the whole run's counters (gather_run_state)
-        results["config"].update(lm.get_model_info())
-    # We passed an instance (to keep a handle for the hooks); record the name the user gave, as lm-eval would.
-    results["config"]["model"] = args.model
-    gct = tracker.general_config_tracker
-    gct.model_source = args.model
-    gct.model_name = model_name(args.model, model_args)
-    gct.model_name_sanitized = model_dir_name(args.model, model_args)
-
-    written: list[Path] = []
-    samples = results.pop("samples", None)  # present with --log_samples (and --predict_only)
-    if args.output_path:
-        written = _save(tracker, results, samples, lm, Path(args.output_path), gct.model_name_sanitized)
-
-    Console().print(results_table(results))
-    for path in written:
+    Console().print(results_table(out.results))
+    for path in out.written:
         err.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
     return 0
-
-
-def _save(tracker, results: dict, samples: dict | None, lm, output_path: Path, model_dir: str) -> list[Path]:
-    """lm-eval's files written into a staging folder, then moved into place atomically, the results JSON last; then
-    the adapter's `finalize_run` on the final folder (its files are written atomically by the adapter). Returns the
-    final paths."""
-    from prime_eval.io import publish_tree, staging_dir
-
-    root = output_path.parent if output_path.suffix == ".json" else output_path
-    staging = staging_dir(root)
-    try:
-        tracker.output_path = str(staging / output_path.name if output_path.suffix == ".json" else staging)
-        tracker.save_results_aggregated(results=results, samples=samples)
-        out_dir = _output_dir(Path(tracker.output_path), model_dir)
-        results_file = _results_file(Path(tracker.output_path), out_dir, tracker.date_id)
-        if not results_file.is_file():
-            raise UserError(f"lm-eval could not write {results_file} (see the warning above); check --output_path")
-        if samples is not None:
-            for task_name in results["configs"]:
-                tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
-        moved = publish_tree(staging, root, last=lambda p: p == results_file)
-    finally:
-        tracker.output_path = str(output_path)
-        shutil.rmtree(staging, ignore_errors=True)
-    written = [moved[-1], *moved[:-1]]  # the results JSON first
-    if isinstance(lm, RunFinalizer):  # the hook sees the final folder, results JSON included
-        final_dir = _output_dir(output_path, model_dir)
-        written += [Path(p) for p in (lm.finalize_run(final_dir, tracker.date_id) or [])]
-    return written
 
 
 def _default_device() -> str | None:
@@ -323,17 +212,6 @@ def _default_device() -> str | None:
     import torch
 
     return None if torch.cuda.is_available() else "cpu"
-
-
-def _output_dir(output_path: Path, model_dir: str) -> Path:
-    """Where lm-eval's tracker puts results and samples (its rule: a .json path means 'this file's folder')."""
-    return output_path.parent if output_path.suffix == ".json" else output_path / model_dir
-
-
-def _results_file(output_path: Path, out_dir: Path, date_id: str) -> Path:
-    if output_path.suffix == ".json":
-        return output_path.with_name(f"{output_path.stem}_{date_id}.json")
-    return out_dir / f"results_{date_id}.json"
 
 
 def results_table(results: dict):
