@@ -145,17 +145,15 @@ def load_model(family: str, margs: dict) -> tuple:
     for k in ("legacy_scope", "temperature", "chunk"):
         if k in margs:
             est_opts[k] = margs[k]
-    perm_sha = None
+    perm_sha = perm_source = None
     if family == "prime":
-        from prime_eval.subtokenizer import SubTokenizer, load_permutation
+        from prime_eval.subtokenizer import SubTokenizer, resolve_permutation
 
-        perm = None
-        if margs.get("permutation"):
-            perm = load_permutation(margs["permutation"], net.base ** net.ell)
+        perm, perm_source = resolve_permutation(margs.get("permutation"), net.base ** net.ell,
+                                      saved=getattr(net, "saved_perm", None),
+                                      required=bool(info.get("needs_permutation")), hint=info.get("permutation"))
+        if margs.get("permutation") not in (None, "identity"):
             perm_sha = checkpoint_sha256(margs["permutation"])
-        elif info.get("needs_permutation"):
-            raise UserError(f"this Prime checkpoint was trained on shuffled ids: pass permutation=PATH "
-                            f"({info.get('permutation') or 'perm_<b^ℓ>.pt'} from the release)")
         est_opts["subtokenizer"] = SubTokenizer(net.vocab_size, ell=net.ell, base=net.base, perm=perm)
         est_opts["carry_over"] = bool(carry if carry is not None else (info.get("carry_over") or
                                                                        getattr(net, "carry_over", False)))
@@ -167,6 +165,7 @@ def load_model(family: str, margs: dict) -> tuple:
              "format": info.get("format"), "weights": info.get("weights"), "vocab_size": net.vocab_size,
              "ell": getattr(net, "ell", 1), "base": getattr(net, "base", None),
              "permutation": margs.get("permutation"), "permutation_sha256": perm_sha,
+             "permutation_source": perm_source,
              "tokenizer": str(tok_spec), "device": str(device), "dtype": str(dtype).replace("torch.", "")}
     return net, tokenizer, est_opts, model
 
