@@ -11,10 +11,13 @@ Containers (`info["format"]`):
                    `hyper_parameters` (unpickled with inert stand-ins for omegaconf / transformers classes);
   * `hf-dir` / `hf-hub`  a transformers model directory or hub id (any `AutoModelForCausalLM`; a directory whose
                    weights carry DiT keys, such as kuleshov-group/mdlm-owt, is loaded as a DiT).
+  * `torch_dist` / `megatron-torch`  Megatron-LM checkpoints of the C4 runs (a `torch_dist` iteration directory or its
+                   parent, legacy `mp_rank_XX/model_optim_rng.pt`; read by `prime_eval.megatron_files`).
 
 Architectures (`info["arch"]`): `lit_gpt` (`prime_eval.networks.lit_gpt`), `mdlm` (`prime_eval.networks.mdlm_dit`),
-`hf` (`prime_eval.networks.hf_causal`). Family, config and (ℓ, b) are read from tensor shapes where the shapes
-determine them; the rest comes from options (`family`, `config`, `ell`, `base`, `carry_over`).
+`megatron` (`prime_eval.networks.megatron`), `hf` (`prime_eval.networks.hf_causal`). Family, config and (ℓ, b) are
+read from tensor shapes where the shapes determine them; the rest comes from options (`family`, `config`, `ell`,
+`base`, `carry_over`).
 
 Loading streams: the network is built on the meta device, tensors come from `torch.load(mmap=True)` or safetensors
 one at a time, and `load_state_dict(strict=True, assign=True)` adopts them without a second copy. Key, count and
@@ -47,9 +50,11 @@ ARCH_ALIASES = {
     "lit_gpt": "lit_gpt", "litgpt": "lit_gpt", "smdm": "lit_gpt", "prime-v2": "lit_gpt", "slimpajama": "lit_gpt",
     "mdlm": "mdlm", "dit": "mdlm", "mdm-prime-v1": "mdlm", "prime-v1": "mdlm", "owt": "mdlm",
     "hf": "hf", "huggingface": "hf", "transformers": "hf",
+    "megatron": "megatron", "mcore": "megatron", "c4": "megatron",
 }
 CONTAINER_ALIASES = {"torch": "torch", "pth": "torch", "pt": "torch", "safetensors": "safetensors",
-                     "lightning": "lightning", "ckpt": "lightning", "hf-dir": "hf-dir", "hf-hub": "hf-hub"}
+                     "lightning": "lightning", "ckpt": "lightning", "hf-dir": "hf-dir", "hf-hub": "hf-hub",
+                     "torch_dist": "torch_dist", "megatron-torch": "megatron-torch"}
 FAMILIES = ("arm", "mdm", "prime")
 TOKENIZER_HINTS = {
     32000: "Llama-2 SentencePiece, 32000 (TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T)",
@@ -210,6 +215,7 @@ class _Source:
     tensors: Callable[[], dict[str, torch.Tensor]] | None = None  # raw weights, normalised keys
     ignored: list[str] = field(default_factory=list)
     hf_id: str | None = None  # for hf: what to hand to from_pretrained
+    megatron: object = None  # megatron_files.MegatronCheckpoint (Megatron layouts; keys already canonical)
 
 
 def _normalise(keys: list[str]) -> tuple[dict[str, str], str, list[str]]:
@@ -260,6 +266,10 @@ def _read_torch(path: str) -> _Source:
         obj = _torch_load(path)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot read {path} as a torch checkpoint: {type(e).__name__}: {e}") from e
+    from prime_eval import megatron_files  # a Megatron state dict ({"model": sd, "args": …} or flat): family C
+
+    if (mc := megatron_files.from_object(path, obj)) is not None:
+        return _megatron_source(mc)
     if isinstance(obj, Mapping) and "state_dict" in obj and _is_state_dict(obj["state_dict"]):  # Lightning
         src = _from_state_dict(_Source(path, "lightning"), obj["state_dict"])
         src.hparams = _plain(_get(obj, "hyper_parameters", "config")) or {}
@@ -323,6 +333,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # `org/name` or a lega
 def _read(path: str | os.PathLike) -> _Source:
     path = str(path)
     p = Path(path)
+    from prime_eval import megatron_files  # Megatron torch_dist / legacy directories (family C)
+
+    if (mc := megatron_files.read(p, load=_torch_load)) is not None:
+        return _megatron_source(mc)
     if p.is_dir():
         if (p / "config.json").exists():
             return _read_hf_dir(path)
@@ -557,14 +571,32 @@ def _detect_mdlm(src: _Source, family, config, ell, base, carry_over) -> _Spec:
     return spec
 
 
+# ---- Megatron C4 family (prime_eval.megatron_files: files and detection; prime_eval.networks.megatron) ----------
+
+
+def _megatron_source(mc) -> _Source:
+    return _Source(mc.path, mc.format, dict(mc.shapes), dict(mc.dtypes), tensors=mc.tensors, ignored=list(mc.ignored),
+                   megatron=mc)
+
+
+def _detect_megatron(src: _Source, family, config, ell, base) -> _Spec:
+    from prime_eval import megatron_files
+
+    if src.megatron is None:  # a flat state dict in another container (safetensors): map its keys first
+        mc = megatron_files.from_flat(src.path, src.format, src.shapes, src.dtypes, src.tensors)
+        src.shapes, src.dtypes, src.tensors, src.megatron = dict(mc.shapes), dict(mc.dtypes), mc.tensors, mc
+        src.ignored += mc.ignored
+    det = megatron_files.detect(src.megatron, family=family, config=config, ell=ell, base=base)
+    cfg = det.config
+    return _Spec("megatron", det.network, det.family, cfg, cfg.name or None, ell=cfg.target_length,
+                 base=cfg.base if cfg.target_length > 1 else None, vocab_size=cfg.vocab_size, notes=det.notes,
+                 extra={"info": det.info})
+
+
 def _detect(src: _Source, *, family=None, arch=None, config=None, ell=None, base=None, carry_over=None) -> _Spec:
     if family is not None and family not in FAMILIES:
         raise UserError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     guessed = _guess_arch(src)
-    if guessed == "megatron":
-        raise UserError(
-            f"{src.path} holds Megatron-Core keys (embedding.word_embeddings / encoder.layers / decoder.layers): the "
-            "Megatron C4 family is not supported yet (see docs/checkpoints.md).")
     arch = arch or guessed
     if arch is None:
         sample = ", ".join(list(src.shapes)[:8])
@@ -577,6 +609,8 @@ def _detect(src: _Source, *, family=None, arch=None, config=None, ell=None, base
         spec = _detect_lit_gpt(src, family, config, ell, base)
     elif arch == "mdlm":
         spec = _detect_mdlm(src, family, config, ell, base, carry_over)
+    elif arch == "megatron":
+        spec = _detect_megatron(src, family, config, ell, base)
     else:
         if family not in (None, "arm"):
             raise UserError(f"Hugging Face causal LMs are ARMs; --family {family} is not possible")
@@ -594,6 +628,10 @@ def _detect(src: _Source, *, family=None, arch=None, config=None, ell=None, base
 def _build(spec: _Spec) -> torch.nn.Module:
     from prime_eval.networks import lit_gpt, mdlm_dit
 
+    if spec.arch == "megatron":
+        from prime_eval.networks.megatron import NETWORKS
+
+        return NETWORKS[spec.network](spec.config)
     if spec.network == "GPT":
         return lit_gpt.GPT(spec.config)
     if spec.network == "TransEncoder":
@@ -611,7 +649,7 @@ def _describe(spec: _Spec) -> str:
     cfg = spec.config
     dims = (f"{spec.config_name}" if spec.config_name else
             f"d={getattr(cfg, 'n_embd', getattr(cfg, 'hidden_size', '?'))}, "
-            f"layers={getattr(cfg, 'n_layer', getattr(cfg, 'n_blocks', '?'))}")
+            f"layers={getattr(cfg, 'n_layer', getattr(cfg, 'n_blocks', getattr(cfg, 'num_layers', '?')))}")
     prime = f", ℓ={spec.ell}, b={spec.base}" if spec.family == "prime" else ""
     return f"{spec.arch} {spec.network} (family {spec.family}{prime}, {dims})"
 
@@ -681,6 +719,9 @@ def _info(src: _Source, spec: _Spec) -> dict:
     elif spec.arch == "mdlm":
         info["max_length"] = cfg.length
         info["mask_id"] = {"mdm": cfg.vocab_size, "prime": spec.base}.get(spec.family)
+    elif spec.arch == "megatron":  # sub-tokenizer buffers are not parameters
+        info.update(spec.extra["info"], params=sum(math.prod(sh) for k, sh in src.shapes.items()
+                                                   if not k.startswith("subtokenizer.")))
     else:
         hp = src.hparams or {}
         info["dims"] = {k: hp[k] for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -713,7 +754,7 @@ def _resolve_format(fmt: str | None) -> tuple[str | None, str | None]:
         return ARCH_ALIASES[f], None
     if f in CONTAINER_ALIASES:
         return None, CONTAINER_ALIASES[f]
-    raise UserError(f"unknown format {fmt!r}; architectures: lit_gpt, mdlm, hf; containers: "
+    raise UserError(f"unknown format {fmt!r}; architectures: lit_gpt, mdlm, megatron, hf; containers: "
                     f"{', '.join(sorted(set(CONTAINER_ALIASES)))}")
 
 
@@ -762,11 +803,13 @@ def load_network(path: str | os.PathLike, *, family: str | None = None, format: 
     """Detect, build and strictly load a network from a released checkpoint. Returns (network in eval mode, info).
 
     Args:
-      path: a `.pth` / `.pt` / `.safetensors` / Lightning `.ckpt` file, a Hugging Face model directory, or a hub id.
+      path: a `.pth` / `.pt` / `.safetensors` / Lightning `.ckpt` file, a Hugging Face model directory, a hub id, or
+        a Megatron checkpoint (iteration directory, its parent, or a legacy `model_optim_rng.pt`).
       family: "arm" | "mdm" | "prime" to check (or, where shapes cannot tell, choose) the family.
-      format: architecture ("lit_gpt", "mdlm", "hf") or container ("torch", "safetensors", "lightning"); auto if None.
-      config: a config name (`Diff_LLaMA_1028M`, `1028`, `small`), a dict of config fields (e.g. {"n_head": 4}),
-        "k=v;k=v", or a config instance. Needed only where shapes do not determine the config.
+      format: architecture ("lit_gpt", "mdlm", "megatron", "hf") or container ("torch", "safetensors", "lightning",
+        "torch_dist", "megatron-torch"); auto if None.
+      config: a config name (`Diff_LLaMA_1028M`, `1028`, `small`, Megatron `1107M`), a dict of config fields
+        (e.g. {"n_head": 4}), "k=v;k=v", or a config instance. Needed only where shapes do not determine the config.
       ell, base: Prime ℓ and b where the shapes are ambiguous (lit_gpt: 45 rows fit ℓ=15/b=2, ℓ=9/b=4, ℓ=5/b=8).
       carry_over: v1 Prime carry-over; default from the checkpoint's config, else False.
       use_ema: Lightning checkpoints: EMA weights (default, as upstream evaluated) or the raw weights.
