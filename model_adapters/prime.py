@@ -1,8 +1,10 @@
-"""lm-eval model `prime`: MDM-Prime models over sub-tokens y = f_ℓ(π(x)) (v2 lit_gpt TransEncoder, v1 MDLM DiT).
+"""lm-eval model `prime`: MDM-Prime models over sub-tokens y = f_ℓ(π(x)) (v2 lit_gpt TransEncoder, v2 Megatron
+MaskedDiffModel, v1 MDLM DiT).
 
     lm_eval --model prime --model_args checkpoint=mdm-prime-v2.pth,tokenizer=...,permutation=perm_32768.pt
 
-Model args: `permutation` (upstream perm file, or `identity`; required when the checkpoint needs one), `ell` / `base`
+Model args: `permutation` (upstream perm file, or `identity`; required when the checkpoint needs one and does not
+carry one: a permutation saved with the weights is used, and a given file must equal it), `ell` / `base`
 (where shapes are ambiguous), `carry_over` (v1; default from the checkpoint). Estimators: `mc` (default, valid bound),
 `exact_count`, `iw` (importance-weighted any-order bound; `orders=K`, `proposal=uniform|pl`, `tau`), `legacy_joint` (the published score; with `cfg`, `temperature`, `chunk`, `legacy_scope`; not a bound).
 `is_greedy`: greedy confidence-ordered unmasking of whole tokens (`prime_eval.estimators.greedy`).

@@ -35,8 +35,10 @@ from prime_eval.errors import UserError
 from prime_eval.networks.megatron import GPT2_VOCAB, SIZE_TAGS, MegatronConfig, size_tag
 from prime_eval.subtokenizer import base_from_ell
 
-MODEL_MODULES = ("embedding", "encoder", "decoder", "output_layer", "subtokenizer")
-DROPPED_MODULES = ("rotary_pos_emb",)  # upstream drops `inv_freq` from its state dicts; tolerated if present
+# Entries that are not model weights: optimizer state, RNG / rerun-machine state (torch_dist keys), TE fp8 metadata;
+# `rotary_pos_emb.inv_freq` is recomputed (upstream drops it from its state dicts; tolerated if present). Every other
+# tensor is a model weight and must fit the network (strict load).
+IGNORED_PREFIXES = ("optimizer.", "rng_state", "rerun_state_machine_state", "rotary_pos_emb.")
 LOCAL_SPEC_NAMES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
                     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
 ROW_PARALLEL = ("linear_qkv.weight", "linear_fc1.weight", "word_embeddings.weight", "output_layer.weight")
@@ -79,8 +81,7 @@ def plan_keys(file_shapes: Mapping[str, tuple[int, ...]]):
     parts: dict[str, list[tuple[str, Part, tuple[int, ...]]]] = {}  # canonical -> [(order, part, part shape)]
     ignored, stacked, local = [], False, False
     for key, shape in file_shapes.items():
-        top = key.split(".")[0].split("/")[0]
-        if "_extra_state" in key or top not in MODEL_MODULES:
+        if "_extra_state" in key or key.startswith(IGNORED_PREFIXES):
             ignored.append(key)
             continue
         if (m := _PER_LAYER.match(key)):
@@ -111,11 +112,8 @@ def plan_keys(file_shapes: Mapping[str, tuple[int, ...]]):
         plan[name] = [p for _, p, _ in items]
         sh = [s for _, _, s in items]
         shapes[name] = (sum(s[0] for s in sh), *sh[0][1:]) if len(sh) > 1 else sh[0]
-    dropped = [k for k in plan if k.split(".")[0] in DROPPED_MODULES]
-    for k in dropped:
-        del plan[k], shapes[k]
     layout = "layer-stacked" if stacked else "per-layer"
-    return plan, shapes, ignored + dropped, layout, "local" if local else "transformer_engine"
+    return plan, shapes, ignored, layout, "local" if local else "transformer_engine"
 
 
 def _assemble(plan: Mapping[str, list[Part]], get: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -203,7 +203,7 @@ def resolve_permutation(file: str | Path | None, num_codes: int, *, saved: torch
     if file is None:
         if required:
             raise UserError(f"this Prime checkpoint was trained on shuffled ids and does not carry the permutation: "
-                            f"pass permutation=PATH ({hint or f'perm_<{num_codes}>.pt'} from the release), or "
+                            f"pass permutation=FILE ({hint or f'perm_<{num_codes}>.pt'} from the release), or "
                             "permutation=identity to score without one")
         return None, "identity"
     if str(file) == "identity":

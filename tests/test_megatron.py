@@ -137,7 +137,8 @@ def dist_state_dict(sd: dict, *, stacked: bool, local: bool = False) -> dict:
 
 def write_dist(root: Path, net, *, stacked: bool = False, local: bool = False, args=True, sd=None,
                iteration: int = 100) -> Path:
-    """`root/latest_checkpointed_iteration.txt` + `root/iter_0000100/{*.distcp, .metadata, common.pt, metadata.json}`."""
+    """`root/latest_checkpointed_iteration.txt` + `root/iter_0000100/` (`*.distcp`, `.metadata`, `common.pt`,
+    `metadata.json`)."""
     it = root / f"iter_{iteration:07d}"
     it.mkdir(parents=True)
     state = dist_state_dict(sd if sd is not None else net.state_dict(), stacked=stacked, local=local)
@@ -281,12 +282,13 @@ def test_strict_load_lists_key_differences(tmp_path):
     del sd["decoder.layers.1.self_attention.k_layernorm.weight"]
     sd["decoder.layers.0.self_attention.linear_qkv.bias"] = torch.zeros(64)
     sd["decoder.layers.0.self_attention.linear_proj.weight"] = torch.zeros(32, 31)
+    sd["pooler.dense.weight"] = torch.zeros(2, 2)  # any tensor outside optimizer / RNG state is a model weight
     write_dist(tmp_path, net, sd=sd)
     with pytest.raises(UserError) as e:
         load_network(tmp_path)
     msg = str(e.value)
     assert "missing keys (1): decoder.layers.1.self_attention.k_layernorm.weight" in msg
-    assert "unexpected keys (1): decoder.layers.0.self_attention.linear_qkv.bias" in msg
+    assert "unexpected keys (2): decoder.layers.0.self_attention.linear_qkv.bias, pooler.dense.weight" in msg
     assert "decoder.layers.0.self_attention.linear_proj.weight expected (32, 32) got (32, 31)" in msg
     with pytest.raises(UserError, match="--family mdm does not fit this Megatron checkpoint.*'arm'"):
         load_network(tmp_path, family="mdm")

@@ -16,16 +16,19 @@ from pathlib import Path
 from prime_eval.errors import UserError
 
 MODEL_ARGS = {
-    "checkpoint": "weights: .pth/.pt/.safetensors/Lightning .ckpt, a transformers folder or a hub id (required)",
+    "checkpoint": "weights: .pth/.pt/.safetensors/Lightning .ckpt, a transformers folder, a hub id or a Megatron "
+                  "checkpoint folder (required)",
     "tokenizer": "tokenizer folder, tokenizer.json or SentencePiece .model (default: the checkpoint for HF models)",
     "estimator": "arm: exact; mdm: mc (default), exact_count, chain_rule; prime: mc (default), exact_count, "
                  "legacy_joint (NOT a bound)",
-    "permutation": "Prime: index-shuffling permutation file (perm_<b^ℓ>.pt); needed by lit_gpt Prime releases",
+    "permutation": "Prime: index-shuffling permutation file (perm_<b^ℓ>.pt) or identity; needed by lit_gpt Prime "
+                   "releases; a Megatron checkpoint's saved subtokenizer.perm is used (a given file must equal it)",
     "ell": "Prime ℓ where the shapes are ambiguous", "base": "Prime b where the shapes are ambiguous",
     "carry_over": "Prime: restrict the softmax to tokens consistent with visible sub-tokens (default: checkpoint's)",
     "legacy_scope": "legacy_joint: all (v2) or masked (v1 carry-over)",
     "temperature": "legacy_joint only (published v2 evaluation)", "chunk": "legacy_joint only ('points/sizes')",
-    "config": "network config name or k=v;k=v overrides", "format": "lit_gpt | mdlm | hf | torch | safetensors | ...",
+    "config": "network config name or k=v;k=v overrides",
+    "format": "lit_gpt | mdlm | megatron | hf | torch | safetensors | torch_dist | ...",
     "use_ema": "Lightning checkpoints: EMA weights (default true)", "device": "cpu, cuda, cuda:0 (default: cuda if "
     "available)", "dtype": "float32 (default), bfloat16, float16", "name": "model name in the JSON and report",
 }
