@@ -571,7 +571,7 @@ def _detect_mdlm(src: _Source, family, config, ell, base, carry_over) -> _Spec:
     return spec
 
 
-# ---- Megatron C4 family (prime_eval.megatron_files: files and detection; prime_eval.networks.megatron) ----------
+# ---- Megatron C4 family (prime_eval.megatron_files, megatron_detect; prime_eval.networks.megatron) --------------
 
 
 def _megatron_source(mc) -> _Source:
@@ -580,13 +580,13 @@ def _megatron_source(mc) -> _Source:
 
 
 def _detect_megatron(src: _Source, family, config, ell, base) -> _Spec:
-    from prime_eval import megatron_files
+    from prime_eval import megatron_detect, megatron_files
 
     if src.megatron is None:  # a flat state dict in another container (safetensors): map its keys first
         mc = megatron_files.from_flat(src.path, src.format, src.shapes, src.dtypes, src.tensors)
         src.shapes, src.dtypes, src.tensors, src.megatron = dict(mc.shapes), dict(mc.dtypes), mc.tensors, mc
         src.ignored += mc.ignored
-    det = megatron_files.detect(src.megatron, family=family, config=config, ell=ell, base=base)
+    det = megatron_detect.detect(src.megatron, family=family, config=config, ell=ell, base=base)
     cfg = det.config
     return _Spec("megatron", det.network, det.family, cfg, cfg.name or None, ell=cfg.target_length,
                  base=cfg.base if cfg.target_length > 1 else None, vocab_size=cfg.vocab_size, notes=det.notes,
