@@ -206,3 +206,35 @@ def make_permutation(num_codes: int, vocab_size: int, *, seed: int, style: str =
     else:
         raise UserError(f"unknown permutation style {style!r}; use 'lit_gpt' or 'megatron'")
     return perm
+
+
+def resolve_permutation(file: str | Path | None, num_codes: int, *, saved: torch.Tensor | None = None,
+                        required: bool = False, hint: str | None = None) -> tuple[torch.Tensor | None, str]:
+    """The index-shuffling permutation π of a Prime network and where it came from: (π or None for the identity,
+    source).
+
+    saved: π stored with the weights (Megatron `subtokenizer.perm`), used when present; a given `file` must then
+    equal it. file: a permutation file, "identity", or None. Without either, `required` (a checkpoint trained on
+    shuffled ids) is an error naming `hint`, the release's permutation file.
+    """
+    if saved is not None:
+        saved = saved.to("cpu", torch.long)
+        check_permutation(saved, num_codes, source="the permutation saved in the checkpoint")
+        if file is None:
+            return saved, "checkpoint"
+        given = torch.arange(num_codes) if str(file) == "identity" else load_permutation(file, num_codes)
+        if not torch.equal(given, saved):
+            n = int((given != saved).sum())
+            raise UserError(f"permutation {file} differs from the permutation saved in the checkpoint "
+                            f"({n} of {num_codes} codes differ): it belongs to another run. Leave permutation= "
+                            "out to use the checkpoint's own.")
+        return saved, f"checkpoint (equal to {file})"
+    if file is None:
+        if required:
+            raise UserError(f"this Prime checkpoint was trained on shuffled ids and does not carry the permutation: "
+                            f"pass permutation=FILE ({hint or f'perm_<{num_codes}>.pt'} from the release), or "
+                            "permutation=identity to score without one")
+        return None, "identity"
+    if str(file) == "identity":
+        return None, "identity"
+    return load_permutation(file, num_codes), str(file)

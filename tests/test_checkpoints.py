@@ -329,7 +329,7 @@ def test_wrong_options_suggest_what_the_file_is(tmp_path):
         load_network(path, config="Diff_LLaMA_19M")
 
 
-def test_unknown_and_megatron_layouts(tmp_path):
+def test_unknown_and_incomplete_layouts(tmp_path):
     save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(UserError, match="unrecognised checkpoint layout"):
         inspect_checkpoint(tmp_path / "x.safetensors")

@@ -7,6 +7,8 @@ Containers (`Source.format`):
                    `ema.shadow_params`, hydra config in `hyper_parameters` (read with `unpickle.stub_pickle`);
   * `hf-dir` / `hf-hub`  a directory with `config.json` (its `*.safetensors` shards, or its one torch weights file,
                    are read for shapes) or a hub id.
+  * `torch_dist` / `megatron-torch`  Megatron-LM checkpoints of the C4 runs (a `torch_dist` iteration directory or
+                   its parent, legacy `mp_rank_XX/model_optim_rng.pt`), read by `megatron_files` into canonical keys.
 
 Nothing here reads tensor data: `Source.tensors()` does, one tensor at a time, when the network is loaded.
 """
@@ -43,6 +45,7 @@ class Source:
     tensors: Callable[[], dict[str, torch.Tensor]] | None = None  # raw weights, normalised keys
     ignored: list[str] = field(default_factory=list)
     hf_id: str | None = None  # for hf: what to hand to from_pretrained
+    megatron: object = None  # megatron_files.MegatronCheckpoint (Megatron layouts; keys already canonical)
 
 
 def normalise(keys: list[str]) -> tuple[dict[str, str], str, list[str]]:
@@ -93,6 +96,10 @@ def _read_torch(path: str, src: Source | None = None) -> Source:
         obj = torch_load(path)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot read {path} as a torch checkpoint: {type(e).__name__}: {e}") from e
+    from prime_eval.checkpoints import megatron_files  # a Megatron state dict ({"model": sd, "args": …} or flat)
+
+    if (mc := megatron_files.from_object(path, obj)) is not None:
+        return megatron_source(mc)
     if isinstance(obj, Mapping) and "state_dict" in obj and _is_state_dict(obj["state_dict"]):  # Lightning
         src = _from_state_dict(Source(path, "lightning"), obj["state_dict"])
         src.hparams = plain(get(obj, "hyper_parameters", "config")) or {}
@@ -165,6 +172,10 @@ def read(path: str | os.PathLike) -> Source:
     """Keys, shapes and metadata of a checkpoint file, model directory or hub id (no tensor data is read)."""
     path = str(path)
     p = Path(path)
+    from prime_eval.checkpoints import megatron_files  # Megatron torch_dist / legacy directories (family C)
+
+    if (mc := megatron_files.read(p, load=torch_load)) is not None:
+        return megatron_source(mc)
     if p.is_dir():
         if (p / "config.json").exists():
             return _read_hf_dir(path)
@@ -196,3 +207,9 @@ def read(path: str | os.PathLike) -> Source:
                             "the model (HF_HUB_OFFLINE=1 allows only cached models).") from e
         return src
     raise UserError(f"checkpoint not found: {path}")
+
+
+def megatron_source(mc) -> Source:
+    """A Source over a `megatron_files.MegatronCheckpoint` (keys already canonical, sub-tokenizer buffers included)."""
+    return Source(mc.path, mc.format, dict(mc.shapes), dict(mc.dtypes), tensors=mc.tensors, ignored=list(mc.ignored),
+                  megatron=mc)

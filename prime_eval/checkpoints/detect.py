@@ -2,7 +2,7 @@
 
     lit_gpt   transformer.wte + transformer.h.{i}.attn.attn     (`detect_lit_gpt`)
     mdlm      vocab_embed + blocks.{i}                          (`detect_mdlm`)
-    megatron  embedding.word_embeddings / encoder.layers / ...  refused: not supported yet
+    megatron  embedding.word_embeddings / encoder.layers / ...  (`detect_megatron`)
     hf        a transformers directory or hub id whose keys are none of the above
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 from prime_eval.checkpoints.containers import Source
 from prime_eval.checkpoints.detect_lit_gpt import detect_lit_gpt
+from prime_eval.checkpoints.detect_megatron import detect_megatron_spec
 from prime_eval.checkpoints.detect_mdlm import detect_mdlm
 from prime_eval.checkpoints.spec import FAMILIES, Spec, family_option
 from prime_eval.errors import UserError
@@ -36,22 +37,21 @@ def detect(src: Source, *, family=None, arch=None, config=None, ell=None, base=N
     if family is not None and family not in FAMILIES:
         raise UserError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     guessed = guess_arch(src)
-    if guessed == "megatron":
-        raise UserError(
-            f"{src.path} holds Megatron-Core keys (embedding.word_embeddings / encoder.layers / decoder.layers): the "
-            "Megatron C4 family is not supported yet (see docs/checkpoints.md).")
     arch = arch or guessed
     if arch is None:
         sample = ", ".join(list(src.shapes)[:8])
         raise UserError(f"{src.path}: unrecognised checkpoint layout (keys: {sample}, ...). Supported: lit_gpt "
                         "(transformer.wte / transformer.h.N.attn.attn / lm_head), MDLM DiT (vocab_embed / blocks / "
-                        "output_layer), and Hugging Face model directories or hub ids.")
+                        "output_layer), Megatron-Core (embedding.word_embeddings / decoder.layers), and Hugging Face "
+                        "model directories or hub ids.")
     if guessed and arch != guessed and not (arch == "hf" and guessed in (None, "hf")):
         raise UserError(f"format {arch!r} does not match the file, whose keys look like {guessed!r}")
     if arch == "lit_gpt":
         return detect_lit_gpt(src, family, config, ell, base)
     if arch == "mdlm":
         return detect_mdlm(src, family, config, ell, base, carry_over)
+    if arch == "megatron":
+        return detect_megatron_spec(src, family, config, ell, base)
     if family not in (None, "arm"):
         raise UserError(f"{src.path} is a Hugging Face causal LM (its weights carry neither lit_gpt nor MDLM DiT "
                         f"keys): transformers' AutoModelForCausalLM models are ARMs, so {family_option(family)} does not "

@@ -15,6 +15,10 @@ the result is None and callers hash the loaded state dict instead (`prime_eval.c
 `extra` adds files the numbers also depend on but that are given separately (tokenizer, permutation). With extras the
 identity is the sha256 of the sorted lines `role \\0 identity-of-part`, so changing any part changes it.
 
+A Megatron checkpoint given as its run folder (with `latest_checkpointed_iteration.txt`) or as one rank's
+`model_optim_rng.pt` is identified by the iteration directory the loader reads (`megatron_files.find`), not by every
+iteration saved in the run.
+
 A checkpoint from which no weight bytes were hashed (an empty file, a folder without weight files) is a UserError.
 """
 from __future__ import annotations
@@ -93,6 +97,10 @@ def _part_sha256(path: str | os.PathLike, *, weights: bool) -> str | None:
         if snap is None:
             return None
         p = snap
+    if weights:
+        from prime_eval.checkpoints.megatron_files import find
+
+        p = find(p) or p  # a Megatron run folder / rank file: the iteration directory that is loaded
     if p.is_file():
         if weights and p.stat().st_size == 0:
             raise UserError(f"checkpoint {path} is an empty file: no weight bytes to identify it by")

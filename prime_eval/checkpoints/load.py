@@ -23,14 +23,20 @@ ARCH_ALIASES = {
     "lit_gpt": "lit_gpt", "litgpt": "lit_gpt", "smdm": "lit_gpt", "prime-v2": "lit_gpt", "slimpajama": "lit_gpt",
     "mdlm": "mdlm", "dit": "mdlm", "mdm-prime-v1": "mdlm", "prime-v1": "mdlm", "owt": "mdlm",
     "hf": "hf", "huggingface": "hf", "transformers": "hf",
+    "megatron": "megatron", "mcore": "megatron", "c4": "megatron",
 }
 CONTAINER_ALIASES = {"torch": "torch", "pth": "torch", "pt": "torch", "safetensors": "safetensors",
-                     "lightning": "lightning", "ckpt": "lightning", "hf-dir": "hf-dir", "hf-hub": "hf-hub"}
+                     "lightning": "lightning", "ckpt": "lightning", "hf-dir": "hf-dir", "hf-hub": "hf-hub",
+                     "torch_dist": "torch_dist", "megatron-torch": "megatron-torch"}
 
 
 def build(spec: Spec) -> torch.nn.Module:
     from prime_eval.networks import lit_gpt, mdlm_dit
 
+    if spec.arch == "megatron":
+        from prime_eval.networks.megatron import NETWORKS
+
+        return NETWORKS[spec.network](spec.config)
     if spec.network == "GPT":
         return lit_gpt.GPT(spec.config)
     if spec.network == "TransEncoder":
@@ -147,6 +153,9 @@ def describe_checkpoint(src: Source, spec: Spec) -> dict:
     elif spec.arch == "mdlm":
         info["max_length"] = cfg.length
         info["mask_id"] = {"mdm": cfg.vocab_size, "prime": spec.base}.get(spec.family)
+    elif spec.arch == "megatron":  # sub-tokenizer buffers are not parameters
+        info.update(spec.extra["info"], params=sum(math.prod(sh) for k, sh in src.shapes.items()
+                                                   if not k.startswith("subtokenizer.")))
     else:
         hp = src.hparams or {}
         info["dims"] = {k: hp[k] for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -167,7 +176,7 @@ def _resolve_format(fmt: str | None) -> tuple[str | None, str | None]:
         return ARCH_ALIASES[f], None
     if f in CONTAINER_ALIASES:
         return None, CONTAINER_ALIASES[f]
-    raise UserError(f"unknown format {fmt!r}; architectures: lit_gpt, mdlm, hf; containers: "
+    raise UserError(f"unknown format {fmt!r}; architectures: lit_gpt, mdlm, megatron, hf; containers: "
                     f"{', '.join(sorted(set(CONTAINER_ALIASES)))}")
 
 
@@ -222,9 +231,11 @@ def load_network(path: str | os.PathLike, *, family: str | None = None, format: 
     """Detect, build and strictly load a network from a released checkpoint. Returns (network in eval mode, info).
 
     Args:
-      path: a `.pth` / `.pt` / `.safetensors` / Lightning `.ckpt` file, a Hugging Face model directory, or a hub id.
+      path: a `.pth` / `.pt` / `.safetensors` / Lightning `.ckpt` file, a Hugging Face model directory, a hub id, or
+        a Megatron checkpoint (iteration directory, its parent, or a legacy `model_optim_rng.pt`).
       family: "arm" | "mdm" | "prime" to check (or, where shapes cannot tell, choose) the family.
-      format: architecture ("lit_gpt", "mdlm", "hf") or container ("torch", "safetensors", "lightning"); auto if None.
+      format: architecture ("lit_gpt", "mdlm", "megatron", "hf") or container ("torch", "safetensors", "lightning",
+        "torch_dist", "megatron-torch"); auto if None.
       config: a config name (`Diff_LLaMA_1028M`, `1028`, `small`), a dict of config fields (e.g. {"n_head": 4,
         "rope_base": 100000}), "k=v;k=v", or a config instance. Needed only where the checkpoint does not determine
         the config; `info["inferred"]` / `info["assumed"]` say where each field came from.

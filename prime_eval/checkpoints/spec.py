@@ -17,7 +17,7 @@ FAMILIES = ("arm", "mdm", "prime")
 
 @dataclass
 class Spec:
-    arch: str  # lit_gpt | mdlm | hf
+    arch: str  # lit_gpt | mdlm | megatron | hf
     network: str  # class name
     family: str
     config: object = None  # lit_gpt.Config | DiTConfig | None
@@ -66,6 +66,6 @@ def describe(spec: Spec) -> str:
     cfg = spec.config
     dims = (f"{spec.config_name}" if spec.config_name else
             f"d={getattr(cfg, 'n_embd', getattr(cfg, 'hidden_size', '?'))}, "
-            f"layers={getattr(cfg, 'n_layer', getattr(cfg, 'n_blocks', '?'))}")
+            f"layers={getattr(cfg, 'n_layer', getattr(cfg, 'n_blocks', getattr(cfg, 'num_layers', '?')))}")
     prime = f", ℓ={spec.ell}, b={spec.base}" if spec.family == "prime" else ""
     return f"{spec.arch} {spec.network} (family {spec.family}{prime}, {dims})"

@@ -13,7 +13,8 @@ field the checkpoint does not determine is listed: "inferred" (from the shapes, 
 with the evidence) and "ASSUMED" (a default nothing in the checkpoint confirms, with how to override it).
 
 Supported: lit_gpt `.pth` / `.safetensors` (SMDM, MDM-Prime-v2 SlimPajama), MDLM / MDM-Prime v1 Lightning `.ckpt`,
-Hugging Face model directories and hub ids (see docs/checkpoints.md)."""
+Hugging Face model directories and hub ids, Megatron C4 runs (ARM, MDM, MDM-Prime-v2: `torch_dist` iteration
+directories or their parent, legacy `mp_rank_XX/model_optim_rng.pt`; see docs/checkpoints.md)."""
 
 EPILOG = """\
 examples:
@@ -23,6 +24,7 @@ examples:
   prime-eval inspect tiny.safetensors --config 'n_head=4' --family prime --ell 7
   prime-eval inspect smollm-lit.safetensors --config 'n_head=9;rope_base=100000'   # a Llama converted to lit_gpt
   prime-eval inspect model.safetensors --tokenizer ../shared/data/tokenizers/llama2   # also checks the vocabulary
+  prime-eval inspect checkpoints/prime_param_1107M_iter_87500                         # Megatron: size tag, layout, π
 """
 
 
@@ -31,12 +33,13 @@ def register(subparsers) -> argparse.ArgumentParser:
                               description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="a .pth / .pt / .safetensors / Lightning .ckpt file, a Hugging Face model directory or hub id")
+                   help="a .pth / .pt / .safetensors / Lightning .ckpt file, a Hugging Face model directory or hub "
+                        "id, a Megatron checkpoint directory")
     p.add_argument("--json", action="store_true", help="print the detection as one JSON object instead of a table")
     p.add_argument("--family", choices=["arm", "mdm", "prime"],
                    help="expected family; an error if the shapes say otherwise")
-    p.add_argument("--format", help="architecture (lit_gpt, mdlm, hf) or container (torch, safetensors, lightning); "
-                                    "default: detected")
+    p.add_argument("--format", help="architecture (lit_gpt, mdlm, megatron, hf) or container (torch, safetensors, "
+                                    "lightning, torch_dist, megatron-torch); default: detected")
     p.add_argument("--config", help="config name (Diff_LLaMA_1028M, 1028, small) or field overrides 'k=v;k=v' "
                                     "(e.g. 'n_head=4;vocab_size=100'; lit_gpt also n_query_groups, rope_base, "
                                     "rope_bf16, norm_eps, block_size, tie_embeddings)")
@@ -99,6 +102,10 @@ def _print_table(info: dict) -> None:
         ("carry-over", info.get("carry_over")), ("EMA present", info["has_ema"]), ("weights used", info["weights"]),
         ("dtype", info["dtype"]), ("max length (tokens)", info["max_length"]), ("tokenizer", info["tokenizer"]),
         ("key prefix stripped", info["key_prefix"]),
+        # Megatron C4 family
+        ("layout", info.get("layout")), ("iteration", info.get("iteration")),
+        ("permutation source", info.get("permutation_source")),
+        ("output rows dropped", info.get("extra_output_rows") or None),
     ]
     if "tokenizer_checked" in info:
         rows.append(("tokenizer check", f"{info['tokenizer_checked']['size']} tokens: ok"))

@@ -16,16 +16,19 @@ from pathlib import Path
 from prime_eval.errors import UserError
 
 MODEL_ARGS = {
-    "checkpoint": "weights: .pth/.pt/.safetensors/Lightning .ckpt, a transformers folder or a hub id (required)",
+    "checkpoint": "weights: .pth/.pt/.safetensors/Lightning .ckpt, a transformers folder, a hub id or a Megatron "
+                  "checkpoint folder (required)",
     "tokenizer": "tokenizer folder, tokenizer.json or SentencePiece .model (default: the checkpoint for HF models)",
     "estimator": "arm: exact; mdm: mc (default), exact_count, chain_rule; prime: mc (default), exact_count, "
                  "legacy_joint (NOT a bound)",
-    "permutation": "Prime: index-shuffling permutation file (perm_<b^ℓ>.pt); needed by lit_gpt Prime releases",
+    "permutation": "Prime: index-shuffling permutation file (perm_<b^ℓ>.pt) or identity; needed by lit_gpt Prime "
+                   "releases; a Megatron checkpoint's saved subtokenizer.perm is used (a given file must equal it)",
     "ell": "Prime ℓ where the shapes are ambiguous", "base": "Prime b where the shapes are ambiguous",
     "carry_over": "Prime: restrict the softmax to tokens consistent with visible sub-tokens (default: checkpoint's)",
     "legacy_scope": "legacy_joint: all (v2) or masked (v1 carry-over)",
     "temperature": "legacy_joint only (published v2 evaluation)", "chunk": "legacy_joint only ('points/sizes')",
-    "config": "network config name or k=v;k=v overrides", "format": "lit_gpt | mdlm | hf | torch | safetensors | ...",
+    "config": "network config name or k=v;k=v overrides",
+    "format": "lit_gpt | mdlm | megatron | hf | torch | safetensors | torch_dist | ...",
     "use_ema": "Lightning checkpoints: EMA weights (default true)", "device": "cpu, cuda, cuda:0 (default: cuda if "
     "available)", "dtype": "float32 (default), bfloat16, float16", "name": "model name in the JSON and report",
 }
@@ -145,17 +148,15 @@ def load_model(family: str, margs: dict) -> tuple:
     for k in ("legacy_scope", "temperature", "chunk"):
         if k in margs:
             est_opts[k] = margs[k]
-    perm_sha = None
+    perm_sha = perm_source = None
     if family == "prime":
-        from prime_eval.subtokenizer import SubTokenizer, load_permutation
+        from prime_eval.subtokenizer import SubTokenizer, resolve_permutation
 
-        perm = None
-        if margs.get("permutation"):
-            perm = load_permutation(margs["permutation"], net.base ** net.ell)
+        perm, perm_source = resolve_permutation(margs.get("permutation"), net.base ** net.ell,
+                                      saved=getattr(net, "saved_perm", None),
+                                      required=bool(info.get("needs_permutation")), hint=info.get("permutation"))
+        if margs.get("permutation") not in (None, "identity"):
             perm_sha = checkpoint_sha256(margs["permutation"])
-        elif info.get("needs_permutation"):
-            raise UserError(f"this Prime checkpoint was trained on shuffled ids: pass permutation=PATH "
-                            f"({info.get('permutation') or 'perm_<b^ℓ>.pt'} from the release)")
         est_opts["subtokenizer"] = SubTokenizer(net.vocab_size, ell=net.ell, base=net.base, perm=perm)
         est_opts["carry_over"] = bool(carry if carry is not None else (info.get("carry_over") or
                                                                        getattr(net, "carry_over", False)))
@@ -167,6 +168,7 @@ def load_model(family: str, margs: dict) -> tuple:
              "format": info.get("format"), "weights": info.get("weights"), "vocab_size": net.vocab_size,
              "ell": getattr(net, "ell", 1), "base": getattr(net, "base", None),
              "permutation": margs.get("permutation"), "permutation_sha256": perm_sha,
+             "permutation_source": perm_source,
              "tokenizer": str(tok_spec), "device": str(device), "dtype": str(dtype).replace("torch.", "")}
     return net, tokenizer, est_opts, model
 

@@ -6,12 +6,16 @@ attributes `family`, `vocab_size`, `mask_id`, `ell`, `base`, `max_length` and
 |---|---|---|
 | `lit_gpt.py` | `GPT` (arm), `TransEncoder` (mdm ℓ=1, prime ℓ>1) | SMDM / MDM-Prime-v2 SlimPajama (`Diff_LLaMA_*M`) |
 | `mdlm_dit.py` | `DIT` (mdm), `PerceiverDIT` (prime), `AR` (arm) | MDLM / MDM-Prime v1 OpenWebText |
+| `megatron.py` | `GPTModel` (arm), `MaskedDiffModel` (mdm ℓ=1, prime ℓ>1) | MDM-Prime-v2 Megatron C4 scaling runs |
 | `hf_causal.py` | `HFCausalLM` (arm) | any transformers `AutoModelForCausalLM` |
 
-Checkpoint detection and loading live in `prime_eval.checkpoints` (`load_network`, `inspect_checkpoint`).
+Checkpoint detection and loading live in `prime_eval.checkpoints` (`load_network`, `inspect_checkpoint`); Megatron's
+file layouts in `prime_eval.checkpoints.megatron_files`.
 """
 from prime_eval.networks.hf_causal import HFCausalLM
 from prime_eval.networks.lit_gpt import GPT, Config as LitGPTConfig, TransEncoder
 from prime_eval.networks.mdlm_dit import AR, DIT, DiTConfig, PerceiverDIT
+from prime_eval.networks.megatron import GPTModel, MaskedDiffModel, MegatronConfig
 
-__all__ = ["GPT", "TransEncoder", "LitGPTConfig", "DIT", "PerceiverDIT", "AR", "DiTConfig", "HFCausalLM"]
+__all__ = ["GPT", "TransEncoder", "LitGPTConfig", "DIT", "PerceiverDIT", "AR", "DiTConfig", "HFCausalLM",
+           "GPTModel", "MaskedDiffModel", "MegatronConfig"]

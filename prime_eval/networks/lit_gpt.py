@@ -173,9 +173,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x · rsqrt(mean(x², -1) + eps) · weight, computed in fp32, returned in the input dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
 
 
 def build_rope_cache(seq_len: int, n_elem: int, *, base: int = 10000, condense_ratio: int = 1,
@@ -217,25 +222,51 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, causal: bool,
                 key_mask: torch.Tensor | None) -> torch.Tensor:
-        B, L, _ = x.shape
-        H, g, hs = self.n_head, self.n_query_groups, self.head_size
-        q_per_kv = H // g
-        qkv = self.attn(x)  # (B, L, (H + 2g)·hs)
-        qkv = qkv.view(B, L, g, q_per_kv + 2, hs).permute(0, 2, 3, 1, 4)  # (B, g, q_per_kv + 2, L, hs)
-        q, k, v = qkv.split((q_per_kv, 1, 1), dim=2)
-        q = q.reshape(B, H, L, hs)  # query head k·q_per_kv + j
-        k = k.reshape(B, g, L, hs)
-        v = v.reshape(B, g, L, hs)
+        q, k, v = split_grouped_qkv(self.attn(x), self.n_head, self.n_query_groups, self.head_size)
         n = self.rope_n_elem
         q = torch.cat((apply_rope(q[..., :n], cos, sin), q[..., n:]), dim=-1)
         k = torch.cat((apply_rope(k[..., :n], cos, sin), k[..., n:]), dim=-1)
-        if g != H:
-            k = k.repeat_interleave(q_per_kv, dim=1)  # (B, H, L, hs)
-            v = v.repeat_interleave(q_per_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=causal and key_mask is None,
-                                           scale=1.0 / math.sqrt(hs))  # (B, H, L, hs)
-        y = y.transpose(1, 2).reshape(B, L, H * hs)  # head h at columns h·hs … (h+1)·hs
-        return self.proj(y)
+        return self.proj(grouped_attention(q, k, v, causal=causal, key_mask=key_mask))
+
+
+def split_grouped_qkv(qkv: torch.Tensor, n_head: int, n_query_groups: int,
+                      head_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused projection (B, L, (H + 2g)·hs), group-interleaved (per group k: its H/g query heads, one key head,
+    one value head) -> q (B, H, L, hs) with query head k·(H/g) + j, k and v (B, g, L, hs). Megatron's
+    `linear_qkv` uses the same layout (checkpoint-formats.md §1.5)."""
+    B, L, _ = qkv.shape
+    H, g, hs = n_head, n_query_groups, head_size
+    q_per_kv = H // g
+    qkv = qkv.view(B, L, g, q_per_kv + 2, hs).permute(0, 2, 3, 1, 4)  # (B, g, q_per_kv + 2, L, hs)
+    q, k, v = qkv.split((q_per_kv, 1, 1), dim=2)
+    return q.reshape(B, H, L, hs), k.reshape(B, g, L, hs), v.reshape(B, g, L, hs)
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                      key_mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q kᵀ / √hs) v with each K/V head shared by its H/g query heads.
+
+    q (B, H, L, hs), k and v (B, g, L, hs), key_mask (B, 1, 1, L) bool or None -> (B, L, H·hs), head h at columns
+    h·hs … (h+1)·hs.
+    """
+    B, H, L, hs = q.shape
+    g = k.shape[1]
+    if g != H:
+        k = k.repeat_interleave(H // g, dim=1)  # (B, H, L, hs)
+        v = v.repeat_interleave(H // g, dim=1)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=causal and key_mask is None,
+                                       scale=1.0 / math.sqrt(hs))  # (B, H, L, hs)
+    return y.transpose(1, 2).reshape(B, L, H * hs)
+
+
+def padding_key_mask(attention_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+    """attention_mask (B, L) bool, True = real token -> key mask (B, 1, 1, L) for a bidirectional model (padded keys
+    ignored), or None. An all-padding row attends everywhere (no NaN)."""
+    if attention_mask is None:
+        return None
+    am = attention_mask.to(device=device, dtype=torch.bool)
+    am = am | ~am.any(dim=1, keepdim=True)
+    return am[:, None, None, :]  # (B, 1, 1, L) broadcast over heads and queries
 
 
 class SwiGLU(nn.Module):
@@ -316,11 +347,7 @@ class _LitBase(nn.Module):
         cfg = self.config
         cos, sin = build_rope_cache(L, int(cfg.rotary_percentage * cfg.head_size), base=cfg.rope_base,
                                     condense_ratio=cfg.condense_ratio, device=x.device, round_bf16=cfg.rope_bf16)
-        key_mask = None
-        if attention_mask is not None and not self.causal:
-            am = attention_mask.to(device=x.device, dtype=torch.bool)
-            am = am | ~am.any(dim=1, keepdim=True)  # an all-padding row attends everywhere (no NaN)
-            key_mask = am[:, None, None, :]  # (B, 1, 1, L) broadcast over heads and queries
+        key_mask = None if self.causal else padding_key_mask(attention_mask, x.device)
         for block in self.transformer.h:
             x = block(x, cos, sin, causal=self.causal, key_mask=key_mask)
         x = self.transformer.ln_f(x)  # (B, L, d)
