@@ -68,7 +68,6 @@ import torch
 from prime_eval import bound_kind as BK
 from prime_eval.errors import UserError
 from prime_eval.estimators import get_estimator
-from prime_eval.estimators.mdm import mask_independent
 from prime_eval.estimators.rows import Rows
 
 OWT_PATH = "Skylion007/openwebtext"
@@ -617,34 +616,16 @@ def block_uniforms(seed: int, index: int, num_samples: int, strata: int,
     return (cells + v) / n
 
 
-def times_from_uniform(u: torch.Tensor, *, eps: float = 0.0, T: int | None = None) -> torch.Tensor:
-    """t = ⌈uT⌉/T (T-step grid) or t = ε + (1-ε)u — the mapping of `estimators.mdm.sample_times`."""
-    if T:
-        return torch.ceil(u * T).clamp_min(1) / T
-    return eps + (1.0 - eps) * u
-
-
-def block_rows(est, x: torch.Tensor, target: torch.Tensor, u: torch.Tensor, generator: torch.Generator) -> Rows:
-    """Rows of one block whose K samples use the given uniforms `u` (K,) instead of the estimator's own draw."""
+def block_rows(est, x: torch.Tensor, target: torch.Tensor, u: torch.Tensor | None,
+               generator: torch.Generator) -> Rows:
+    """Rows of one block: the estimator's own rows with the block's uniforms `u` (K,) (None: deterministic), through
+    the one sampler every command uses (`estimators.sampler`): identical uniforms give identical masks."""
     if est.family == "arm" or getattr(est, "deterministic", False):
         return est.rows(x, target, generator, 1)
-    ell = est.st.ell if est.family == "prime" else 1
-    n = int(target.sum()) * ell
-    K = u.numel()
-    t = None
-    if est.name == "exact_count":
-        counts = (torch.floor(u * n).long() + 1).clamp(1, n)
-        ranks = torch.rand(K, n, generator=generator).argsort(dim=1).argsort(dim=1)
-        masks, weights = ranks < counts[:, None], n / counts.double()
-    else:
-        t = times_from_uniform(u, eps=est.eps, T=est.T)
-        if est.name == "legacy_joint":
-            masks, weights = est._legacy_masks(t, n, generator), 1.0 / (t + 1e-6)
-        else:
-            masks, weights = mask_independent(generator, t, n), 1.0 / t
-    if est.family == "prime":
-        return est.rows_from_masks(x, target, masks, weights, t=t)
-    return est.rows_from_masks(x, target, masks, weights)
+    if est.name not in ALLOWED.get(est.family, ()):
+        raise UserError(f"estimator {est.name!r} is not available for perplexity of a {est.family} model; choose "
+                        f"one of {', '.join(ALLOWED.get(est.family, ()))}")
+    return est.rows(x, target, generator, u.numel(), u=u)
 
 
 # ================================================================================================================
@@ -866,7 +847,7 @@ def _score_blocks(net, est, blocks: list[Block], p: Protocol, K: int, determinis
     are computed in passes of rows of one length (`forward_rows_batch_invariant`, so a block's values never depend
     on which blocks share its pass: resumed and data-parallel runs give the same bits) and stored in one
     transaction. Returns (values, number of cache hits)."""
-    from prime_eval.distributed import forward_rows_batch_invariant
+    from prime_eval.estimators.rows import forward_rows_batch_invariant
 
     out: dict[int, tuple[torch.Tensor, int]] = {}
     keys = [{"index": b.index, "ids": b.ids.tolist()} for b in blocks]
@@ -1012,5 +993,5 @@ def summary_table(result: dict):
 
 __all__ = ["Protocol", "TextSource", "text_files", "hf_dataset", "openwebtext", "as_source", "BlockStream", "Block",
            "tokenize_documents", "PerplexityStats", "perplexity", "block_generator", "block_uniforms",
-           "times_from_uniform", "block_rows", "build_estimator", "evaluate_perplexity", "write_json",
+           "block_rows", "build_estimator", "evaluate_perplexity", "write_json",
            "summary_table", "package_versions"]
