@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from prime_eval import audit
 from prime_eval import perplexity as P
+from prime_eval.commands.ppl_display import summary_table
 from prime_eval.errors import UserError
 from prime_eval.networks.toy import TinyDenoiser
 from prime_eval.subtokenizer import SubTokenizer, base_from_ell
@@ -226,7 +227,7 @@ def _render(result) -> str:
     from rich.console import Console
 
     c = Console(record=True, width=160)
-    c.print(P.summary_table(result))
+    c.print(summary_table(result))
     return c.export_text()
 
 

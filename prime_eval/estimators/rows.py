@@ -116,8 +116,10 @@ def forward_passes(net, rows_list: Sequence[Rows], rows_per_pass: int = 64,
             logits = net(idx.to(device), attention_mask=mask_arg, logits_at=la.to(device))  # (N, V)
         if logits.dtype not in (torch.float32, torch.float64):
             logits = logits.float()  # costs stay on the device, in fp32 (fp64 for exact audit networks)
-        counts = la.sum(1).tolist()
-        yield [(r, i, piece) for (r, i), piece in zip(chunk, torch.split(logits, counts))]
+        out = [(r, i, piece) for (r, i), piece in zip(chunk, torch.split(logits, la.sum(1).tolist()))]
+        del logits  # the pass's logits live only as long as the consumer holds its pieces
+        yield out
+        del out
 
 
 def forward_rows(net, rows_list: Sequence[Rows], rows_per_pass: int = 64,
@@ -225,7 +227,8 @@ def forward_terms(net, est, rows_list: Sequence[Rows], rows_per_pass: int = 64, 
                     f.reduce(est, rows_list[r], f.held)
                 yield r, torch.cat(f.parts) if len(f.parts) > 1 else f.parts[0]
             for f in flight.values():
-                f.detach()  # the pass's logits can be freed
+                f.detach()  # copies what is held: the pass's logits can be freed
+            pass_ = piece = None  # released before the next forward pass
 
 
 class _InFlight:
