@@ -119,7 +119,7 @@ class IWEstimator:
         """(K,) log w_k = Σ_s log p_θ(x_σk(s) | …) − log n! − log q(σ_k)."""
         d = rows.data
         K, n = rows.num_samples, d["n"]
-        table = self.base.masked_nll_from_terms(rows, terms)  # (K·n, n) nll of the masked positions of the scored token
+        table = self.base.masked_nll_from_terms(rows, terms)  # (K·n, n): nll of the scored token's positions
         nll = table[torch.arange(K * n), d["scored_pos"]].view(K, n).sum(1)
         return -nll - math.lgamma(n + 1) - d["log_q"]
 

@@ -66,14 +66,17 @@ class MDMEstimator:
 
     # -- rows and costs ---------------------------------------------------------------------------------------
     def rows(self, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None, num_samples: int, *,
-             u: torch.Tensor | None = None) -> Rows:
+             u: torch.Tensor | None = None, samples: tuple[int, int] | None = None) -> Rows:
         """Rows of K samples over the n target positions, masks from `self.sampler` (`estimators.sampler`): the
-        per-sample uniforms u (K,) are drawn from `generator` unless given (`ppl` gives its block-stratified u)."""
+        per-sample uniforms u (K,) are drawn from `generator` unless given (`ppl` gives its block-stratified u).
+        `samples=(a, b)`: the rows of samples a..b only, of the same draw of all K (`ppl` scores large K in slices)."""
         x, target = torch.as_tensor(x, dtype=torch.long), torch.as_tensor(target, dtype=torch.bool)
         n = int(target.sum())
         if n == 0:
             raise UserError("empty continuation: there is nothing to score")
         draw = self.sampler.draw(generator, num_samples, n, u=u)
+        if samples is not None:
+            draw = draw.samples(*samples)
         return self.rows_from_masks(x, target, draw.masks, draw.weights)
 
     def rows_from_masks(self, x: torch.Tensor, target: torch.Tensor, masks: torch.Tensor,

@@ -104,13 +104,16 @@ class PrimeEstimator:
 
     # -- rows and costs -----------------------------------------------------------------------------------------
     def rows(self, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None, num_samples: int, *,
-             u: torch.Tensor | None = None) -> Rows:
+             u: torch.Tensor | None = None, samples: tuple[int, int] | None = None) -> Rows:
         """Rows of K samples over the n·ℓ target sub-tokens, masks from `self.sampler` (`estimators.sampler`): the
-        per-sample uniforms u (K,) are drawn from `generator` unless given (`ppl` gives its block-stratified u)."""
+        per-sample uniforms u (K,) are drawn from `generator` unless given (`ppl` gives its block-stratified u).
+        `samples=(a, b)`: the rows of samples a..b only, of the same draw of all K (`ppl` scores large K in slices)."""
         x, target = torch.as_tensor(x, dtype=torch.long), torch.as_tensor(target, dtype=torch.bool)
         if not bool(target.any()):
             raise UserError("empty continuation: there is nothing to score")
         draw = self.sampler.draw(generator, num_samples, int(target.sum()) * self.st.ell, u=u)
+        if samples is not None:
+            draw = draw.samples(*samples)
         return self.rows_from_masks(x, target, draw.masks, draw.weights, t=draw.t)
 
     def rows_from_masks(self, x: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, weights: torch.Tensor,
@@ -227,7 +230,8 @@ class PrimeEstimator:
         """(K,) float64 per-sample values: weight_k · Σ of the sample's terms."""
         d = rows.data
         if self.name != "legacy_joint":
-            return (d["weights"] * self.masked_nll_from_terms(rows, terms).sum(1)).view(-1, d["rows_per_sample"]).sum(1)
+            values = d["weights"] * self.masked_nll_from_terms(rows, terms).sum(1)
+            return values.view(-1, d["rows_per_sample"]).sum(1)
         row_of = torch.nonzero(d["score"], as_tuple=True)[0]
         return d["weights"] * torch.zeros(d["noisy"].shape[0], dtype=torch.float64).index_add_(0, row_of, terms)
 

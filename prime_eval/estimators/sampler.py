@@ -146,11 +146,18 @@ def order_masks(order: torch.Tensor) -> torch.Tensor:
 # -- a scheme: which of the above an estimator uses -----------------------------------------------------------------
 @dataclass
 class MaskDraw:
-    """R mask sets over n diffused positions: masks (R, n) bool, weights (R,) float64, times t (K,) or None."""
+    """R mask sets over n diffused positions: masks (R, n) bool, weights (R,) float64, times t (K,) or None;
+    R = K · rows_per_sample (levels: n rows per sample; left-to-right: all n rows are one value)."""
 
     masks: torch.Tensor
     weights: torch.Tensor
     t: torch.Tensor | None = None
+    rows_per_sample: int = 1
+
+    def samples(self, a: int, b: int) -> MaskDraw:
+        """Samples a..b of the draw (their masks are those of the whole draw: a slice never changes a sample)."""
+        r = slice(a * self.rows_per_sample, b * self.rows_per_sample)
+        return MaskDraw(self.masks[r], self.weights[r], None if self.t is None else self.t[a:b], self.rows_per_sample)
 
 
 @dataclass(frozen=True)
@@ -195,9 +202,9 @@ class MaskSampler:
     def from_uniforms(self, u: torch.Tensor | None, v: torch.Tensor | None, n: int) -> MaskDraw:
         """The mask sets of u (K,) and v (K, n) (module docstring: one formula per scheme)."""
         if self.scheme == "left_to_right":
-            return MaskDraw(left_to_right_masks(n), torch.ones(n, dtype=torch.float64))
+            return MaskDraw(left_to_right_masks(n), torch.ones(n, dtype=torch.float64), rows_per_sample=n)
         if self.scheme == "levels":
-            return MaskDraw(*level_masks(v))
+            return MaskDraw(*level_masks(v), rows_per_sample=n)
         if self.scheme == "exact_count":
             masks, counts = exact_count_masks(u, v)
             return MaskDraw(masks, n / counts.double())

@@ -11,7 +11,7 @@ One module per step of the data flow:
     protocol.py   `Protocol` (every choice that changes a number), allowed estimators, stop rules, input checks
     sampling.py   per-block generators, block-stratified times, bootstrap weights
     scoring.py    blocks -> K values each: cache lookup, rows, forward passes with the logits reduced chunk by chunk,
-                  each block stored the moment it is final
+                  each slice of up to 16 samples stored the moment it is final
     stats.py      `PerplexityStats`: update / merge / compute of NLL, PPL, bits per byte and their standard errors
     run.py        `evaluate_perplexity`: the loop over steps (UI and cache come in as callbacks)
     result.py     the JSON and its atomic writing

@@ -46,10 +46,11 @@ def block_uniforms(seed: int, index: int, num_samples: int, strata: int,
     return (cells + v) / n
 
 
-def block_rows(est, block, p: Protocol, K: int) -> Rows:
+def block_rows(est, block, p: Protocol, K: int, samples: tuple[int, int] | None = None) -> Rows:
     """Rows of one block (`blocks.Block`): all positions scored (ARM: all after the BOS). A Monte Carlo estimator
     gets the block's stratified u (K,) and draws its masks from the block's generator after it (`est.rows(u=...)`);
-    a deterministic one gets the generator alone. An estimator the protocol does not know raises."""
+    a deterministic one gets the generator alone. `samples=(a, b)`: the rows of samples a..b of that same draw.
+    An estimator the protocol does not know raises."""
     check_allowed(est.family, est.name)
     g = block_generator(p.seed, TAG_BLOCK, block.index)
     target = torch.ones(block.ids.numel(), dtype=torch.bool)
@@ -57,7 +58,8 @@ def block_rows(est, block, p: Protocol, K: int) -> Rows:
         target[0] = False
     if est.family == "arm" or getattr(est, "deterministic", False):
         return est.rows(block.ids, target, g, 1)
-    return est.rows(block.ids, target, g, K, u=block_uniforms(p.seed, block.index, K, p.strata, g))
+    u = block_uniforms(p.seed, block.index, K, p.strata, g)
+    return est.rows(block.ids, target, g, K, u=u, samples=samples)
 
 
 def bootstrap_weights(seed: int, index: int, replicates: int) -> np.ndarray | None:
