@@ -327,7 +327,7 @@ def test_ppl_and_score_draw_identical_masks_from_identical_uniforms(wiki, tok, f
     proto = P.Protocol(L=12, num_samples=3, strata=4, seed=9, T=T)
     est = P.build_estimator(net, name, eps=proto.eps, T=T, **options)
     block = list(P.BlockStream(docs_of(wiki, 1), tok, L=12, wrap=True, bos_id=0, eos_id=0))[6]
-    ppl = P.block_rows(est, block, proto, 3)
+    (ppl,) = P.block_rows(est, block, proto, 3)
     g = P.block_generator(9, 2, block.index)
     u = P.block_uniforms(9, block.index, 3, 4, g)  # the block's uniforms; g is now where ppl's mask draws start
     score = est.rows(block.ids, torch.ones(12, dtype=torch.bool), g, 3, u=u)  # the score path, same uniforms
@@ -339,6 +339,25 @@ def test_ppl_and_score_draw_identical_masks_from_identical_uniforms(wiki, tok, f
     for rows in (ppl, score):
         assert torch.equal(rows.inputs == est.mask_id, ref.masks)
         assert torch.equal(rows.data["weights"], ref.weights)
+
+
+def test_slices_of_a_block_are_cut_from_its_one_draw(wiki, tok):
+    """K = 40 samples are scored in slices of 16, 16 and 8 (each cached on its own): the same values as the block's
+    rows taken whole, sample by sample (log-softmax is per row: the same value up to round-off)."""
+    from prime_eval.estimators import forward_rows
+
+    net = nets(len(tok))["prime"]
+    proto = P.Protocol(L=10, num_samples=40, strata=2, seed=4, max_tokens=30)
+    seen = {}
+    P.evaluate_perplexity(net, tok, docs_of(wiki, 1), proto, batch_size=7,
+                          on_block=lambda b, v, n: seen.update({b.index: (b, v)}))
+    est = P.build_estimator(net, "mc", eps=proto.eps)
+    for block, values in seen.values():
+        (whole,) = P.block_rows(est, block, proto, 40)
+        (logits,) = forward_rows(net, [whole], 512)
+        torch.testing.assert_close(values, est.cost(whole, logits), rtol=1e-6, atol=1e-6)
+        parts = P.block_rows(est, block, proto, 40, [(0, 16), (16, 32), (32, 40)])
+        assert torch.equal(torch.cat([r.inputs for r in parts]), whole.inputs)
 
 
 @pytest.mark.parametrize("name", ["levels", "iw"])

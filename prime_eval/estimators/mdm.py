@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from prime_eval import bound_kind as BK
 from prime_eval.errors import UserError
 from prime_eval.estimators.rows import Rows
-from prime_eval.estimators.sampler import MaskSampler
+from prime_eval.estimators.sampler import MaskDraw, MaskSampler
 
 
 class MDMEstimator:
@@ -65,18 +65,23 @@ class MDMEstimator:
                 "bound_kind": self.bound_kind, "is_bound": self.is_bound}
 
     # -- rows and costs ---------------------------------------------------------------------------------------
-    def rows(self, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None, num_samples: int, *,
-             u: torch.Tensor | None = None, samples: tuple[int, int] | None = None) -> Rows:
-        """Rows of K samples over the n target positions, masks from `self.sampler` (`estimators.sampler`): the
-        per-sample uniforms u (K,) are drawn from `generator` unless given (`ppl` gives its block-stratified u).
-        `samples=(a, b)`: the rows of samples a..b only, of the same draw of all K (`ppl` scores large K in slices)."""
-        x, target = torch.as_tensor(x, dtype=torch.long), torch.as_tensor(target, dtype=torch.bool)
-        n = int(target.sum())
+    def draw(self, target: torch.Tensor, generator: torch.Generator | None, num_samples: int, *,
+             u: torch.Tensor | None = None) -> MaskDraw:
+        """K mask sets over the n target positions from `self.sampler` (`estimators.sampler`): the per-sample
+        uniforms u (K,) are drawn from `generator` unless given (`ppl` gives its block-stratified u)."""
+        n = int(torch.as_tensor(target, dtype=torch.bool).sum())
         if n == 0:
             raise UserError("empty continuation: there is nothing to score")
-        draw = self.sampler.draw(generator, num_samples, n, u=u)
-        if samples is not None:
-            draw = draw.samples(*samples)
+        return self.sampler.draw(generator, num_samples, n, u=u)
+
+    def rows(self, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None, num_samples: int, *,
+             u: torch.Tensor | None = None) -> Rows:
+        """Rows of K samples: `rows_from_draw` of `draw`."""
+        return self.rows_from_draw(x, target, self.draw(target, generator, num_samples, u=u))
+
+    def rows_from_draw(self, x: torch.Tensor, target: torch.Tensor, draw: MaskDraw) -> Rows:
+        """Rows of a mask draw (or of a slice of one, `MaskDraw.samples`)."""
+        x, target = torch.as_tensor(x, dtype=torch.long), torch.as_tensor(target, dtype=torch.bool)
         return self.rows_from_masks(x, target, draw.masks, draw.weights)
 
     def rows_from_masks(self, x: torch.Tensor, target: torch.Tensor, masks: torch.Tensor,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -160,7 +161,10 @@ def evaluate_perplexity(net, tokenizer, source, protocol: Protocol | None = None
     run = _Run(net, est, p, K, batch_size,
                BlockStream(src, tokenizer, L=p.L, wrap=p.wrap, bos_id=bos, eos_id=eos, doc_batch=doc_batch),
                PerplexityStats(bootstrap=p.bootstrap), on_block=on_block)
-    show = progress if (progress is not None and callable(progress) and run.dist.is_main) else None
+    if progress is not None and progress is not False and not callable(progress):
+        warnings.warn("evaluate_perplexity(progress=...) takes a callback (e.g. "
+                      "prime_eval.commands.ppl_display.PplProgressBar); no progress is shown")
+    show = progress if callable(progress) and run.dist.is_main else None
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if open_cache is not None:

@@ -46,20 +46,21 @@ def block_uniforms(seed: int, index: int, num_samples: int, strata: int,
     return (cells + v) / n
 
 
-def block_rows(est, block, p: Protocol, K: int, samples: tuple[int, int] | None = None) -> Rows:
-    """Rows of one block (`blocks.Block`): all positions scored (ARM: all after the BOS). A Monte Carlo estimator
-    gets the block's stratified u (K,) and draws its masks from the block's generator after it (`est.rows(u=...)`);
-    a deterministic one gets the generator alone. `samples=(a, b)`: the rows of samples a..b of that same draw.
-    An estimator the protocol does not know raises."""
+def block_rows(est, block, p: Protocol, K: int, slices: list[tuple[int, int]] | None = None) -> list[Rows]:
+    """Rows of one block (`blocks.Block`), all positions scored (ARM: all after the BOS); one Rows per sample range
+    [a, b) in `slices` (default: all K at once). A Monte Carlo estimator gets the block's stratified u (K,) and
+    draws its masks from the block's generator after it (`est.draw(u=...)`, what `est.rows` does for `score`); the
+    slices are cut from that one draw. A deterministic estimator gets the generator alone (one Rows). An estimator
+    the protocol does not know raises."""
     check_allowed(est.family, est.name)
     g = block_generator(p.seed, TAG_BLOCK, block.index)
     target = torch.ones(block.ids.numel(), dtype=torch.bool)
     if est.family == "arm":
         target[0] = False
     if est.family == "arm" or getattr(est, "deterministic", False):
-        return est.rows(block.ids, target, g, 1)
-    u = block_uniforms(p.seed, block.index, K, p.strata, g)
-    return est.rows(block.ids, target, g, K, u=u, samples=samples)
+        return [est.rows(block.ids, target, g, 1)]
+    draw = est.draw(target, g, K, u=block_uniforms(p.seed, block.index, K, p.strata, g))
+    return [est.rows_from_draw(block.ids, target, draw.samples(a, b)) for a, b in (slices or [(0, K)])]
 
 
 def bootstrap_weights(seed: int, index: int, replicates: int) -> np.ndarray | None:

@@ -74,7 +74,10 @@ def score_blocks(net, est, blocks: Sequence[Block], p: Protocol, K: int, batch_s
             done[b.index, a] = (torch.tensor(hit["values"], dtype=torch.float64), int(hit["rows"]))
         else:
             todo.append((b, a, z, key))
-    rows = [block_rows(est, b, p, K, None if deterministic else (a, z)) for b, a, z, _ in todo]
+    missing: dict[int, tuple[Block, list[tuple[int, int]]]] = {}
+    for b, a, z, _ in todo:
+        missing.setdefault(b.index, (b, []))[1].append((a, z))
+    rows = [r for b, ranges in missing.values() for r in block_rows(est, b, p, K, ranges)]  # one draw per block
     for i, terms in forward_terms(net, est, rows, batch_size):
         (b, a, _, key), r = todo[i], rows[i]
         values = est.cost_from_terms(r, terms).detach().to("cpu", torch.float64)
