@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from prime_eval import distributed as D
 from prime_eval.errors import UserError
-from prime_eval.estimators import mean_and_stderr
+from prime_eval.estimators import PACKING, forward_rows_batch_invariant, mean_and_stderr
 
 log = logging.getLogger("prime_eval.adapters")
 # Default diffusion estimator of `prime-eval score` (benchmarks/variance.py: at equal forward passes, exact_count with
@@ -123,7 +123,7 @@ class PrimeEvalLM(TemplateLM):
         self.target_se = None if target_se in (None, "") else float(target_se)
         if not 0.5 < self.confidence < 1:
             raise UserError(f"confidence={confidence}: choose a level in (0.5, 1), e.g. 0.99")
-        if pack not in D.PACKING:
+        if pack not in PACKING:
             raise UserError(f"pack={pack!r}: choose bucket (rows padded to a multiple of 32 tokens share a pass), "
                             "length (rows of one length share a pass) or request (each request's rows in passes of "
                             "their own: bit-identical results on GPUs too)")
@@ -468,7 +468,7 @@ class PrimeEvalLM(TemplateLM):
                 rows.append(r)
                 logits_total += r.num_logits
                 start += 1
-            for it, r, logits in zip(chunk, rows, D.forward_rows_batch_invariant(self.net, rows, self.rows_per_pass,
+            for it, r, logits in zip(chunk, rows, forward_rows_batch_invariant(self.net, rows, self.rows_per_pass,
                                                                                 pack=self.pack)):
                 values = self.est.cost(r, logits)
                 it["_values"] = values

@@ -13,8 +13,7 @@ every helper is the single-process identity, so code written with them runs unch
 Sharding is by index (`items[rank::world]`), so which rank scores an item depends only on its index, and every
 per-item result depends only on the item (per-request seeds, `model_adapters.base.request_seed`). Results are then
 bit-identical for any number of processes provided no number depends on which items share a forward pass: see
-docs/scale-out.md ("Determinism") — on CPU, padding a row to a longer batch length changes its logits in the last
-bit, so batches are formed from rows of one length.
+docs/scale-out.md ("Determinism") and `estimators.rows.forward_rows_batch_invariant`, which forms such passes.
 """
 from __future__ import annotations
 
@@ -229,49 +228,6 @@ def print_rank0(*args, file=None, **kwargs) -> None:
     """`print`, on rank 0 only."""
     if dist_info().is_main:
         print(*args, file=file if file is not None else sys.stdout, **kwargs)
-
-
-PACKING = ("bucket", "length", "request")
-
-
-def forward_rows_batch_invariant(net, rows_list: Sequence, rows_per_pass: int = 64, *,
-                                 pack: str = "bucket", bucket: int = 32) -> list[torch.Tensor]:
-    """`prime_eval.estimators.forward_rows`, with passes whose make-up cannot change a request's numbers.
-
-    pack="bucket" (default): every row is padded to the next multiple of `bucket` tokens (a length that depends on
-      the row alone) and a pass holds rows of one padded length, always with the attention mask: a row's
-      computation has the same shape whatever shares its pass, and passes stay full (lengths vary a lot).
-    pack="length": each pass holds rows of one input length only. Padding a row to a longer pass changes
-      its logits in the last bits (CPU SDPA blocks the key axis by length; measured ~3e-8 on lit_gpt), so with
-      mixed-length passes a request's numbers would depend on which other requests share its pass, i.e. on the
-      number of processes and on which requests a resumed run still has to compute. Rows of equal length need no
-      padding and no attention mask, and on CPU the number of rows in a pass does not change a row's logits
-      (tests/test_distributed.py checks both).
-    pack="request": each request's rows in passes of their own (padded to the bucket as well), so every pass's
-      shape depends on the request alone — for GPUs, where a matmul's kernel (and its summation order) may depend on the number of rows.
-      Costs throughput only when a request has fewer rows than `rows_per_pass` (K < rows_per_pass).
-    Same return value as `forward_rows`.
-    """
-    from prime_eval.estimators.rows import forward_rows
-
-    if pack not in PACKING:
-        raise UserError(f"pack={pack!r}: choose one of {', '.join(PACKING)}")
-    from prime_eval.estimators.rows import bucket_length
-
-    if pack == "request":  # padded to the bucket too: the same bits as pack="bucket" on CPU
-        return [forward_rows(net, [rows], rows_per_pass, bucket=bucket)[0] for rows in rows_list]
-
-    ell = getattr(net, "ell", 1) if getattr(net, "family", None) == "prime" else 1
-    width = bucket if pack == "bucket" else None
-    groups: dict[int, list[int]] = {}
-    for i, rows in enumerate(rows_list):
-        groups.setdefault(bucket_length(int(rows.inputs.shape[1]) // ell, width), []).append(i)
-    out: list[Any] = [None] * len(rows_list)
-    for length in sorted(groups, reverse=True):
-        idx = groups[length]
-        for i, logits in zip(idx, forward_rows(net, [rows_list[i] for i in idx], rows_per_pass, bucket=width)):
-            out[i] = logits
-    return out
 
 
 def destroy() -> None:

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from prime_eval import distributed as D
 from prime_eval.errors import UserError
-from prime_eval.estimators import forward_rows, get_estimator
+from prime_eval.estimators import forward_rows, forward_rows_batch_invariant, get_estimator
 from prime_eval.networks.lit_gpt import Config, TransEncoder
 
 LENGTHS = [9, 23, 17, 40, 9, 31, 12, 23, 5, 40, 18]  # mixed, with repeats: rows of one length share passes
@@ -86,17 +86,17 @@ def test_dist_info_from_env(monkeypatch):
 def test_padding_changes_last_bits_and_equal_length_passes_do_not():
     """Why `forward_rows_batch_invariant` exists: the same request scored alone and next to longer requests."""
     net, reqs = _net(), _requests()
-    alone = _score(net, reqs[:1], D.forward_rows_batch_invariant)
-    together = _score(net, reqs, D.forward_rows_batch_invariant)
+    alone = _score(net, reqs[:1], forward_rows_batch_invariant)
+    together = _score(net, reqs, forward_rows_batch_invariant)
     assert torch.equal(alone[0], together[0])
     # equal-length rows in passes of different sizes: identical on CPU
-    twice = _score(net, [reqs[0], reqs[4]], D.forward_rows_batch_invariant)  # both of length 9
+    twice = _score(net, [reqs[0], reqs[4]], forward_rows_batch_invariant)  # both of length 9
     assert torch.equal(twice[0], alone[0])
     # each request in passes of its own (pack="request", for GPUs): the same bits on CPU
-    per_request = _score(net, reqs, lambda n, r, k: D.forward_rows_batch_invariant(n, r, k, pack="request"))
+    per_request = _score(net, reqs, lambda n, r, k: forward_rows_batch_invariant(n, r, k, pack="request"))
     assert all(torch.equal(a, b) for a, b in zip(per_request, together))
     with pytest.raises(UserError, match="pack='rows'"):
-        D.forward_rows_batch_invariant(net, [], 4, pack="rows")
+        forward_rows_batch_invariant(net, [], 4, pack="rows")
     # mixed-length passes pad the short rows; the values agree to float tolerance (not necessarily bitwise)
     mixed = _score(net, reqs, forward_rows)
     for a, b in zip(together, mixed):
@@ -119,7 +119,7 @@ def _worker(rank: int, world: int, port: int, out_path: str) -> None:
         assert (info.rank, info.world_size) == (rank, world) and torch.distributed.get_backend() == "gloo"
         reqs = _requests()
         mine = D.shard(reqs, info.rank, info.world_size)
-        values = _score(_net(), mine, D.forward_rows_batch_invariant)
+        values = _score(_net(), mine, forward_rows_batch_invariant)
         ordered = D.gather_in_order(values, len(reqs))
         counts = D.all_gather_tensor(torch.tensor(len(mine)))  # lm-eval's LM.all_gather on a 0-d tensor
         token = D.broadcast_object({"from": info.rank})
@@ -144,7 +144,7 @@ def test_two_gloo_processes_give_bit_identical_results(tmp_path):
     out = tmp_path / "gathered.pkl"
     mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     got = pickle.loads(out.read_bytes())
-    single = _score(_net(), _requests(), D.forward_rows_batch_invariant)
+    single = _score(_net(), _requests(), forward_rows_batch_invariant)
     assert len(got["values"]) == len(single)
     for a, b in zip(got["values"], single):
         assert torch.equal(a, b), (a, b)  # bit for bit

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from prime_eval import audit
 from prime_eval.errors import UserError
 from prime_eval.estimators import estimate, forward_rows, get_estimator
-from prime_eval.estimators.prime import digit_marginals, parse_chunk
+from prime_eval.estimators.prime import PrimeEstimator, digit_marginals, parse_chunk
 from prime_eval.networks.toy import OracleDenoiser, TinyDenoiser
 from prime_eval.subtokenizer import SubTokenizer, make_permutation
 
@@ -220,3 +220,109 @@ def test_common_random_numbers_across_choices():
     b = est.rows(torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([0, 1, 1, 1, 1, 1], dtype=torch.bool), _gen(5), 16)
     torch.testing.assert_close(a.data["weights"], b.data["weights"])
     assert torch.equal(a.logits_at[:, 1:4], b.logits_at[:, 1:4])
+
+
+# -- the one sampler (estimators.sampler) -------------------------------------------------------------------------
+def test_sampler_formulas_from_explicit_uniforms():
+    """Each scheme is the documented function of (u, v): times, independent, exact count, levels, chunked."""
+    from prime_eval.estimators.sampler import MaskSampler
+
+    u = torch.tensor([0.05, 0.5, 0.999], dtype=torch.float64)
+    v = torch.rand(3, 7, generator=_gen(1), dtype=torch.float64)
+    d = MaskSampler("independent", eps=1e-3).from_uniforms(u, v, 7)
+    t = 1e-3 + (1 - 1e-3) * u
+    assert torch.equal(d.masks, v < t[:, None]) and torch.equal(d.weights, 1.0 / t) and torch.equal(d.t, t)
+    d = MaskSampler("independent", T=4).from_uniforms(u, v, 7)
+    assert d.t.tolist() == [0.25, 0.5, 1.0]
+    d = MaskSampler("exact_count").from_uniforms(u, v, 7)
+    counts = d.masks.sum(1)
+    assert counts.tolist() == [1, 4, 7] and torch.equal(d.weights, 7 / counts.double())
+    for k in range(3):  # the l_k positions of smallest v_k
+        assert set(torch.nonzero(d.masks[k]).flatten().tolist()) == set(v[k].argsort()[:counts[k]].tolist())
+    d = MaskSampler("levels").from_uniforms(None, v[:1], 7)
+    assert d.masks.sum(1).tolist() == [7, 6, 5, 4, 3, 2, 1] and torch.equal(d.weights, 1.0 / d.masks.sum(1).double())
+    d = MaskSampler("chunked", chunks=((0.0, 1), (0.4, 3))).from_uniforms(u, v, 7)
+    assert torch.equal(d.masks[0], v[0] < u[0])  # t = u < 0.4: independent
+    assert torch.equal(d.masks[1], (v[1, torch.arange(7) // 3] < u[1]))  # groups of 3 share the draw of their group
+    assert torch.equal(d.weights, 1.0 / (u + 1e-6))
+
+
+def test_estimators_draw_their_masks_from_the_sampler():
+    """score's rows: u stratified from the request's generator, then position-major v from the same generator."""
+    from prime_eval.estimators.sampler import MaskSampler, position_uniforms, stratified_uniform
+
+    x, target = torch.tensor([3, 1, 4, 1, 5, 2]), torch.tensor([0, 0, 1, 1, 1, 1], dtype=torch.bool)
+    st = SubTokenizer(6, ell=2)
+    for family, name, opts, ell, mask_id in [("mdm", "mc", {"mask_id": 6, "eps": 1e-3}, 1, 6),
+                                             ("mdm", "exact_count", {"mask_id": 6}, 1, 6),
+                                             ("prime", "mc", {"subtokenizer": st}, 2, st.base),
+                                             ("prime", "exact_count", {"subtokenizer": st}, 2, st.base),
+                                             ("prime", "legacy_joint", {"subtokenizer": st}, 2, st.base)]:
+        est = get_estimator(family, name, **opts)
+        rows = est.rows(x, target, _gen(7), 5)
+        g = _gen(7)
+        u = stratified_uniform(g, 5)
+        ref = MaskSampler.for_estimator(family, name, eps=est.eps).from_uniforms(u, position_uniforms(g, 5, 4 * ell),
+                                                                                  4 * ell)
+        sub = target.repeat_interleave(ell)
+        assert torch.equal(rows.inputs[:, sub] == mask_id, ref.masks), (family, name)
+        assert torch.equal(rows.data["weights"], ref.weights), (family, name)
+
+
+def test_sampler_refuses_unknown_schemes_and_names():
+    from prime_eval.estimators.sampler import MaskSampler
+
+    with pytest.raises(UserError, match="unknown masking scheme"):
+        MaskSampler("bernoulli")
+    with pytest.raises(UserError, match="no masking scheme"):
+        MaskSampler.for_estimator("mdm", "legacy_joint")
+    with pytest.raises(ValueError, match="no per-sample uniform"):
+        MaskSampler("levels").draw(_gen(), 2, 3, u=torch.tensor([0.1, 0.2], dtype=torch.float64))
+
+
+def test_batch_masks_for_a_training_loss():
+    """Rows of different lengths: padding never masked; exact count l_b ~ U{1..n_b} with weight n_b/l_b."""
+    from prime_eval.estimators.sampler import batch_masks
+
+    lengths = torch.tensor([1, 3, 6])
+    seen = torch.zeros(3, 7, dtype=torch.long)
+    for s in range(400):
+        m, w = batch_masks(_gen(s), lengths, 7)
+        counts = m.sum(1)
+        assert not m[torch.arange(7)[None, :] >= lengths[:, None]].any()
+        assert ((counts >= 1) & (counts <= lengths)).all() and torch.equal(w, lengths / counts.double())
+        seen[torch.arange(3), counts] += 1
+    assert (seen[2, 1:7] > 30).all()  # every count 1..6 occurs for the row of length 6 (400/6 ≈ 67 expected)
+    m, w = batch_masks(_gen(0), lengths, 7, scheme="independent", eps=0.1)
+    assert not m[torch.arange(7)[None, :] >= lengths[:, None]].any() and (w <= 1 / 0.1).all()
+
+
+# -- reducing logits as they come (estimators.rows.forward_terms) ---------------------------------------------------
+def test_forward_terms_reduce_in_chunks_fixed_by_the_request():
+    """Chunks of at most C logit rows at offsets that depend on the request alone (any rows_per_pass); a request of
+    at most C rows is reduced in one piece, exactly as `cost`; smaller chunks agree within fp32 round-off."""
+    from prime_eval.estimators import forward_rows_batch_invariant, forward_terms
+
+    st = SubTokenizer(8, base=2, perm=make_permutation(8, 8, seed=0, style="megatron"))
+    net = TinyDenoiser("prime", 8, ell=3, base=2, seed=3)  # Prime: a matmul over the chunk's rows
+    est = get_estimator("prime", "mc", subtokenizer=st, carry_over=True)
+    reqs = [(torch.tensor([1, 2, 3, 4, 5, 6, 7]), torch.tensor([0, 0, 1, 1, 1, 1, 1], dtype=torch.bool)),
+            (torch.tensor([5, 6, 7]), torch.tensor([0, 1, 1], dtype=torch.bool)),
+            (torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([0, 0, 0, 0, 1, 1], dtype=torch.bool))]
+    rows = [est.rows(x, t, _gen(i), 16) for i, (x, t) in enumerate(reqs)]
+    whole = [est.cost(r, lg) for r, lg in zip(rows, forward_rows_batch_invariant(net, rows, 64))]
+    got = dict(forward_terms(net, est, rows, 64, chunk_rows=10**6))
+    assert all(torch.equal(est.cost_from_terms(rows[i], got[i]), whole[i]) for i in range(3))
+    seen = {}
+    for rpp in (1, 3, 64):
+        calls = []
+        est.logit_terms = lambda r, lg, start=0, f=PrimeEstimator.logit_terms.__get__(est): (
+            calls.append(([id(x) for x in rows].index(id(r)), start, lg.shape[0])), f(r, lg, start))[1]
+        got = dict(forward_terms(net, est, rows, rpp, chunk_rows=5))
+        del est.logit_terms
+        seen[rpp] = sorted(calls)
+        assert max(n for _, _, n in calls) <= 5
+        for i in range(3):
+            torch.testing.assert_close(est.cost_from_terms(rows[i], got[i]), whole[i], rtol=1e-6, atol=1e-6)
+    assert seen[1] == seen[3] == seen[64]
+    assert [s for r, s, _ in seen[1] if r == 0] == list(range(0, rows[0].num_logits, 5))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import tracemalloc
+import weakref
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from prime_eval import audit
 from prime_eval import perplexity as P
+from prime_eval.commands.ppl_display import summary_table
 from prime_eval.errors import UserError
 from prime_eval.networks.toy import TinyDenoiser
 from prime_eval.subtokenizer import SubTokenizer, base_from_ell
@@ -116,6 +118,27 @@ def test_text_sources(tmp_path, wiki):
     # the Hugging Face path, offline: a builder with data_files and a sliced split (as train[-100000:] for OWT)
     src = P.hf_dataset("json", data_files=str(wiki / "test.jsonl"), split="train[-3:]", text_field="page")
     assert list(src) == docs_of(wiki)[-3:]
+
+
+def test_binary_files_are_refused_as_binary(tmp_path, capsys):
+    """A binary file is named as binary before any model is loaded (it used to get a decoding error suggesting
+    --encoding latin-1, which would score the bytes as text); UTF-16 text with --encoding utf-16 is still text."""
+    from prime_eval import cli
+
+    png = tmp_path / "image.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 8)
+    ctl = tmp_path / "controls.dat"
+    ctl.write_bytes(bytes([1, 2, 3, 4, 5, 6, 14, 15, 16, 65, 66]) * 300)  # no NUL, mostly control bytes
+    for path, why in ((png, "a NUL byte at offset 8"), (ctl, "82% control bytes")):
+        with pytest.raises(UserError, match=f"{path.name} is a binary file, not text \\({why}"):
+            P.text_files([path])
+        with pytest.raises(UserError, match="binary"):
+            P.text_files([path], encoding="latin-1")
+    rc = cli.main(["ppl", "--model", "mdm", "--model_args", "checkpoint=missing.pth", "--files", str(png)])
+    assert rc == 2 and "image.png is a binary file" in capsys.readouterr().err  # before the (missing) model
+    utf16 = tmp_path / "wide.txt"
+    utf16.write_text("one paragraph\n\nand another\n", encoding="utf-16")
+    assert list(P.text_files([utf16], encoding="utf-16")) == ["one paragraph", "and another"]
 
 
 # -- the estimators through the protocol ---------------------------------------------------------------------------
@@ -226,7 +249,7 @@ def _render(result) -> str:
     from rich.console import Console
 
     c = Console(record=True, width=160)
-    c.print(P.summary_table(result))
+    c.print(summary_table(result))
     return c.export_text()
 
 
@@ -290,6 +313,64 @@ def test_stratified_times_are_uniform_per_block_and_cover_the_strata():
     assert abs(float(many.mean()) - 0.5) < 0.05  # position 0 of each group is not stuck in the first stratum
 
 
+@pytest.mark.parametrize("family,name,options", [("mdm", "mc", {}), ("mdm", "exact_count", {}), ("mdm", "mc", {"T": 8}),
+                                                  ("prime", "mc", {}), ("prime", "exact_count", {}),
+                                                  ("prime", "legacy_joint", {"chunk": "0.0_0.5/1_3"})])
+def test_ppl_and_score_draw_identical_masks_from_identical_uniforms(wiki, tok, family, name, options):
+    """ppl's block rows are the estimator's own rows given the block's stratified u: the same masks as `score` (and
+    the sampler) give for the same uniforms. Before, ppl re-implemented the masks and drew exact_count's ranks as a
+    float32 rand(K, n) where the estimators use a position-major float64 rand(n, K).T."""
+    from prime_eval.estimators.sampler import MaskSampler, position_uniforms
+
+    net = nets(len(tok))[family]
+    T = options.pop("T", None)
+    proto = P.Protocol(L=12, num_samples=3, strata=4, seed=9, T=T)
+    est = P.build_estimator(net, name, eps=proto.eps, T=T, **options)
+    block = list(P.BlockStream(docs_of(wiki, 1), tok, L=12, wrap=True, bos_id=0, eos_id=0))[6]
+    (ppl,) = P.block_rows(est, block, proto, 3)
+    g = P.block_generator(9, 2, block.index)
+    u = P.block_uniforms(9, block.index, 3, 4, g)  # the block's uniforms; g is now where ppl's mask draws start
+    score = est.rows(block.ids, torch.ones(12, dtype=torch.bool), g, 3, u=u)  # the score path, same uniforms
+    ell = getattr(est, "st", None).ell if family == "prime" else 1
+    g = P.block_generator(9, 2, block.index)
+    P.block_uniforms(9, block.index, 3, 4, g)
+    ref = MaskSampler.for_estimator(family, name, eps=est.eps, T=T, chunks=tuple(getattr(est, "chunks", [(0.0, 1)])))
+    ref = ref.from_uniforms(u, position_uniforms(g, 3, 12 * ell), 12 * ell)
+    for rows in (ppl, score):
+        assert torch.equal(rows.inputs == est.mask_id, ref.masks)
+        assert torch.equal(rows.data["weights"], ref.weights)
+
+
+def test_slices_of_a_block_are_cut_from_its_one_draw(wiki, tok):
+    """K = 40 samples are scored in slices of 16, 16 and 8 (each cached on its own): the same values as the block's
+    rows taken whole, sample by sample (log-softmax is per row: the same value up to round-off)."""
+    from prime_eval.estimators import forward_rows
+
+    net = nets(len(tok))["prime"]
+    proto = P.Protocol(L=10, num_samples=40, strata=2, seed=4, max_tokens=30)
+    seen = {}
+    P.evaluate_perplexity(net, tok, docs_of(wiki, 1), proto, batch_size=7,
+                          on_block=lambda b, v, n: seen.update({b.index: (b, v)}))
+    est = P.build_estimator(net, "mc", eps=proto.eps)
+    for block, values in seen.values():
+        (whole,) = P.block_rows(est, block, proto, 40)
+        (logits,) = forward_rows(net, [whole], 512)
+        torch.testing.assert_close(values, est.cost(whole, logits), rtol=1e-6, atol=1e-6)
+        parts = P.block_rows(est, block, proto, 40, [(0, 16), (16, 32), (32, 40)])
+        assert torch.equal(torch.cat([r.inputs for r in parts]), whole.inputs)
+
+
+@pytest.mark.parametrize("name", ["levels", "iw"])
+def test_ppl_refuses_estimators_it_does_not_know(wiki, tok, name):
+    """An estimator object whose masks the protocol does not know is refused (it used to get mc-style masks)."""
+    from prime_eval.estimators import get_estimator
+
+    net = nets(len(tok))["mdm"]
+    est = get_estimator("mdm", name, mask_id=net.mask_id)
+    with pytest.raises(UserError, match=f"estimator '{name}' is not available for perplexity"):
+        P.evaluate_perplexity(net, tok, docs_of(wiki, 1), P.Protocol(L=8, max_tokens=40), estimator=est)
+
+
 # -- streaming ----------------------------------------------------------------------------------------------------
 def test_streaming_reads_only_what_it_scores(wiki, tok):
     pulled = []
@@ -304,6 +385,37 @@ def test_streaming_reads_only_what_it_scores(wiki, tok):
                                 on_block=lambda b, v, n: at_first.append(len(pulled)) if not at_first else None,
                                 doc_batch=4)
     assert at_first[0] <= 4 and len(pulled) <= 8 and res["results"]["stopped"] == "max_tokens"
+
+
+class _PassWatch:
+    """A network that records, at each forward pass, how many earlier passes' logits are still alive (weakrefs to
+    each output: a view keeps its base tensor alive)."""
+
+    def __init__(self, net):
+        self.net, self.outputs, self.alive_at_call = net, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["net"], name)
+
+    def __call__(self, *args, **kwargs):
+        self.alive_at_call.append(sum(r() is not None for r in self.outputs))
+        out = self.net(*args, **kwargs)
+        self.outputs.append(weakref.ref(out))
+        return out
+
+
+@pytest.mark.parametrize("family", ["mdm", "prime"])
+def test_logits_of_a_pass_are_freed_before_the_next(wiki, tok, family):
+    """Memory does not grow with the blocks of a step: each pass's logits are reduced and released before the next
+    pass runs (they used to be held for every row of the step, plus a copy per block). K = 4 rows per block and 2
+    rows per pass: every block spans two passes, and with --no-wrap blocks of several lengths share a step."""
+    net = _PassWatch(nets(len(tok))[family])
+    lines = [ln for ln in (wiki / "test.txt").read_text(encoding="utf-8").splitlines() if ln.strip()][:12]
+    proto = P.Protocol(L=24, wrap=False, num_samples=4, seed=3)
+    ref = P.evaluate_perplexity(net.net, tok, lines, proto, batch_size=64)["results"]
+    res = P.evaluate_perplexity(net, tok, lines, proto, batch_size=2)["results"]
+    assert len(net.alive_at_call) >= 20 and max(net.alive_at_call) == 0
+    assert res["nll"] == pytest.approx(ref["nll"], rel=1e-6) and res["blocks"] == ref["blocks"]
 
 
 def _peak_block_stream(text: str, tok) -> int:
@@ -325,6 +437,98 @@ def test_memory_does_not_grow_with_the_corpus(wiki, tok):
     small = _peak_block_stream(text[:150_000], tok)
     big = _peak_block_stream(text[:600_000], tok)
     assert big < 1.5 * small + 200_000, (small, big)
+
+
+# -- a killed run resumes -------------------------------------------------------------------------------------------
+_DRIVER = """
+import json, os, signal, sys
+from prime_eval.networks.lit_gpt import TransEncoder
+calls, rows = [0], [0]
+forward = TransEncoder.forward
+def counted(self, idx, **kw):
+    calls[0] += 1
+    if calls[0] == int(os.environ.get("KILL_AT_PASS", "0")):  # a real SIGKILL, as the forward pass starts
+        json.dump({"passes_done": calls[0] - 1, "rows_done": rows[0]}, open(os.environ["PASSES_FILE"], "w"))
+        os.kill(os.getpid(), signal.SIGKILL)
+    rows[0] += idx.shape[0]
+    return forward(self, idx, **kw)
+TransEncoder.forward = counted
+from prime_eval.cli import main
+rc = main(sys.argv[1:])
+json.dump({"passes_done": calls[0], "rows_done": rows[0]}, open(os.environ["PASSES_FILE"], "w"))
+sys.exit(rc)
+"""
+
+
+@pytest.fixture(scope="module")
+def killable(tmp_path_factory, tok, wiki):
+    """A tiny lit_gpt MDM checkpoint, its tokenizer, and a runner of `prime-eval ppl` in a subprocess that SIGKILLs
+    itself as its N-th forward pass starts (KILL_AT_PASS) and reports the passes it completed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from prime_eval.networks.lit_gpt import Config, TransEncoder
+
+    d = tmp_path_factory.mktemp("killable")
+    torch.manual_seed(0)
+    cfg = Config(n_layer=1, n_embd=32, n_head=2, intermediate_size=64, vocab_size=len(tok), padding_multiple=4,
+                 block_size=64)
+    torch.save({"model": TransEncoder(cfg).state_dict()}, d / "mdm.pth")
+    tok.save_pretrained(d / "tok")
+    (d / "driver.py").write_text(_DRIVER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PASSES_FILE": str(d / "passes.json")}
+
+    def run(out, cache, *extra, kill_at=0):
+        args = ["ppl", "--model", "mdm", "--model_args",
+                f"checkpoint={d / 'mdm.pth'},tokenizer={d / 'tok'},config=n_head=2,device=cpu",
+                "--files", str(wiki / "test.txt"), "--L", "64", "--no-progress", "-o", str(out), *extra]
+        if cache is not None:
+            args += ["--cache-dir", str(cache)]
+        proc = subprocess.run([sys.executable, str(d / "driver.py"), *args], capture_output=True, text=True,
+                              env={**env, "KILL_AT_PASS": str(kill_at)}, timeout=600)
+        if kill_at:
+            assert proc.returncode == -9, proc.stderr[-2000:]
+        else:
+            assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads((d / "passes.json").read_text())
+
+    return d, run
+
+
+def _numbers(path) -> dict:
+    r = json.loads(path.read_text())["results"]
+    return {k: v for k, v in r.items() if k not in ("seconds", "tokens_per_second", "cached_blocks")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra,kills", [(("--max-tokens", "4000"), (2, 2)),  # the default settings
+                                         (("--max-tokens", "640", "--samples", "64", "--eps", "0.3"), (7, 3))])
+def test_killed_run_resumes_and_recomputes_only_what_was_lost(killable, extra, kills):
+    """SIGKILL as a forward pass starts, twice, then a rerun to the end: every block (or 16-sample slice of a block)
+    whose passes had finished was stored, so the reruns run only the passes not done before (lost work: the pass in
+    progress, whatever K and the batch size), and the final numbers equal an uninterrupted run's. With K = 64 a block
+    spans four passes of the default 16 rows: it used to be stored only when all four were done."""
+    from prime_eval.cache import count_entries
+
+    d, run = killable
+    tag = "k" + str(len(extra))
+    whole = run(d / f"{tag}_ref.json", None, *extra)
+    cache, out = d / f"{tag}_cache", d / f"{tag}_out.json"
+    done = 0
+    for kill_at in kills:
+        before = count_entries(cache) if cache.exists() else 0
+        killed = run(out, cache, *extra, kill_at=kill_at)
+        assert not out.exists() and count_entries(cache) > before
+        done += killed["passes_done"]
+    stored = count_entries(cache)
+    rest = run(out, cache, *extra)
+    assert rest["passes_done"] == whole["passes_done"] - done  # only what was not stored is computed
+    if "--samples" not in extra:  # one slice per block: every stored block is reused
+        assert json.loads(out.read_text())["results"]["cached_blocks"] == stored
+    assert _numbers(out) == _numbers(d / f"{tag}_ref.json")
 
 
 # -- CLI ----------------------------------------------------------------------------------------------------------

@@ -5,11 +5,13 @@
         permutation=perm_32768.pt --files wiki.test.txt --L 2048 --samples 4 --max-tokens 200000 -o wiki.json
 
 The protocol (MDLM's, method.md §2) and the JSON are documented in docs/perplexity.md and
-`prime_eval.perplexity`; this module only parses, loads the model and calls `evaluate_perplexity`.
+`prime_eval.perplexity`; this module only parses, loads the model, opens the result cache and calls
+`evaluate_perplexity` with the progress bar of `commands/ppl_display.py`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
@@ -196,9 +198,9 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rich.console import Console
 
-    from prime_eval import perplexity as P
-
     from prime_eval import distributed as D
+    from prime_eval import perplexity as P
+    from prime_eval.commands.ppl_display import PplProgressBar, summary_table
     from prime_eval.io import check_output_dir
 
     err = Console(stderr=True, quiet=D.dist_info().rank != 0)  # rank 0 speaks for a data-parallel run
@@ -223,12 +225,20 @@ def main(args: argparse.Namespace) -> int:
               + (f" on {dist.world_size} processes" if dist.enabled else ""))
     net, tokenizer, est_opts, model = load_model(args.model, margs)
     estimator = margs.get("estimator")
-    result = P.evaluate_perplexity(net, tokenizer, source, protocol, estimator=estimator, estimator_options=est_opts,
-                                   batch_size=args.batch_size, model=model, progress=False if args.no_progress
-                                   else err, cache_dir=args.cache_dir)
+    open_cache = None
+    if args.cache_dir:
+        from prime_eval.cache import ResultCache
+
+        def open_cache(identity):  # the run's identity comes from the library: everything a block's values depend on
+            return ResultCache(args.cache_dir, identity, rank=dist.rank)
+    bar = PplProgressBar(err) if not args.no_progress and dist.is_main else None
+    with bar if bar is not None else contextlib.nullcontext():
+        result = P.evaluate_perplexity(net, tokenizer, source, protocol, estimator=estimator,
+                                       estimator_options=est_opts, batch_size=args.batch_size, model=model,
+                                       progress=bar, open_cache=open_cache)
     if not dist.is_main:
         return 0
-    out.print(P.summary_table(result))
+    out.print(summary_table(result))
     if result["bound_kind"] == "not_a_likelihood":
         err.print("[bold yellow]warning:[/] this estimator is NOT an upper bound on the NLL (legacy_joint): the "
                   "perplexity can be below the model's true perplexity")

@@ -4,8 +4,9 @@
     result = estimate(net, est, x, target, torch.Generator().manual_seed(0), num_samples=128)
     result.mean, result.stderr      # NLL of the target in nats, Monte Carlo standard error
 
-Every estimator is split into `rows` (sampling, from the request's own generator) and `cost` (logits -> K values)
-so that adapters can pack rows of many requests into one forward pass without changing any number.
+Every estimator is split into `rows` (sampling, from the request's own generator, through `sampler`) and `cost`
+(logits -> K values, = `cost_from_terms` of the per-position `logit_terms`) so that adapters can pack rows of many
+requests into one forward pass, and reduce the logits chunk by chunk, without changing any number.
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from prime_eval.estimators.arm import ARMEstimator
 from prime_eval.estimators.mdm import MDMEstimator
 from prime_eval.estimators.prime import PrimeEstimator
 from prime_eval.estimators.iw import IWEstimator, make_iw
-from prime_eval.estimators.rows import Estimate, Rows, forward_rows, mean_and_stderr
+from prime_eval.estimators.rows import (PACKING, Estimate, Rows, forward_rows, forward_rows_batch_invariant,
+                                        forward_terms, mean_and_stderr)
+from prime_eval.estimators.sampler import MaskSampler
 
 ESTIMATORS = {
     "arm": ("exact",),
@@ -67,5 +70,6 @@ def estimate(net, est, x: torch.Tensor, target: torch.Tensor, generator: torch.G
                     aggregate=getattr(est, "aggregate", None))
 
 
-__all__ = ["get_estimator", "estimate", "forward_rows", "mean_and_stderr", "Rows", "Estimate", "ARMEstimator",
-           "MDMEstimator", "PrimeEstimator", "IWEstimator", "make_iw", "ESTIMATORS", "DEFAULT_ESTIMATOR"]
+__all__ = ["get_estimator", "estimate", "forward_rows", "forward_rows_batch_invariant", "forward_terms", "PACKING",
+           "mean_and_stderr", "Rows", "Estimate", "MaskSampler", "ARMEstimator", "MDMEstimator", "PrimeEstimator",
+           "IWEstimator", "make_iw", "ESTIMATORS", "DEFAULT_ESTIMATOR"]

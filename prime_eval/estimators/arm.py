@@ -34,13 +34,23 @@ class ARMEstimator:
             raise UserError("the first token has no context to be predicted from; prepend BOS/EOS as prefix")
         return Rows(inputs=x[None, :-1], logits_at=target[None, 1:], num_samples=1, data={"x": x, "target": target})
 
-    def _logp(self, rows: Rows, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tgt = rows.data["x"][1:][rows.logits_at[0]].to(logits.device)  # (N,)
+    row_local = True
+
+    def _logp(self, rows: Rows, logits: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        tgt = rows.data["x"][1:][rows.logits_at[0]][start:start + logits.shape[0]].to(logits.device)  # (C,)
         return F.log_softmax(logits, dim=-1), tgt
 
+    def logit_terms(self, rows: Rows, logits: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """(C, 1) float64 -log p(x^i | x^{<i}) of logit rows start..start+C, on the logits' device."""
+        logp, tgt = self._logp(rows, logits, start)
+        return -logp.gather(1, tgt[:, None]).double()
+
+    def cost_from_terms(self, rows: Rows, terms: torch.Tensor) -> torch.Tensor:
+        return terms.sum().reshape(1).cpu()
+
     def cost(self, rows: Rows, logits: torch.Tensor) -> torch.Tensor:
-        logp, tgt = self._logp(rows, logits)
-        return -logp.gather(1, tgt[:, None]).double().sum().reshape(1).cpu()
+        """(1,) float64: -Σ_{i ∈ T} log p(x^i | x^{<i})."""
+        return self.cost_from_terms(rows, self.logit_terms(rows, logits))
 
     def is_greedy(self, rows: Rows, logits: torch.Tensor) -> bool:
         _, tgt = self._logp(rows, logits)

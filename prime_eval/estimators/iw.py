@@ -31,6 +31,7 @@ from prime_eval.errors import UserError
 from prime_eval.estimators.mdm import MDMEstimator
 from prime_eval.estimators.prime import PrimeEstimator
 from prime_eval.estimators.rows import Rows, forward_rows
+from prime_eval.estimators.sampler import order_masks, reveal_orders
 
 
 def log_mean_exp(a: torch.Tensor) -> float:
@@ -87,21 +88,16 @@ class IWEstimator:
         if n * K > self.max_positions:
             raise UserError(f"iw needs n·K = {n}·{K} = {n * K} forward rows for this request (limit "
                             f"{self.max_positions}); lower orders=K or use estimator=mc")
-        gumbel = -torch.log(-torch.log(torch.rand(K, n, generator=generator, dtype=torch.float64)
-                                       .clamp(1e-300, 1 - 1e-16)))
+        v = torch.rand(K, n, generator=generator, dtype=torch.float64)  # (K, n) sample-major (kept: fixed numbers)
         if self.proposal == "uniform":
-            order = gumbel.argsort(1, descending=True)  # uniform random permutations
+            order = reveal_orders(v)  # uniform random permutations
             log_q = torch.full((K,), -math.lgamma(n + 1), dtype=torch.float64)
         else:
             theta = self._confidences(x, target) / self.tau
-            order = (theta[None] + gumbel).argsort(1, descending=True)  # Gumbel-top-k = Plackett–Luce
+            order = reveal_orders(v, theta)  # Gumbel-top-k = Plackett–Luce
             log_q = plackett_luce_log_prob(order, theta)
         # row (k, s): positions σ_k(>=s) masked, σ_k(<s) revealed; the loss needs position σ_k(s) only
-        rank = order.argsort(1)  # rank[k, j] = step at which j is revealed
-        steps = torch.arange(n)
-        masks = rank[:, None, :] >= steps[None, :, None]  # (K, n_steps, n)
-        rows = self.base.rows_from_masks(x, target, masks.reshape(K * n, n),
-                                         torch.ones(K * n, dtype=torch.float64))
+        rows = self.base.rows_from_masks(x, target, order_masks(order), torch.ones(K * n, dtype=torch.float64))
         scored_pos = order.reshape(-1)  # (K·n,) the diffused position scored in each row
         ell = self.base.st.ell if self.family == "prime" else 1
         tok_positions = torch.nonzero(target).flatten()
@@ -113,17 +109,29 @@ class IWEstimator:
         rows.data.update(order=order, log_q=log_q, scored_pos=scored_pos, n=n)
         return rows
 
-    def log_weights(self, rows: Rows, logits: torch.Tensor) -> torch.Tensor:
+    row_local = True
+
+    def logit_terms(self, rows: Rows, logits: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Per-position terms of logit rows start..start+C: the base estimator's (one scored position per row)."""
+        return self.base.logit_terms(rows, logits, start)
+
+    def log_weights_from_terms(self, rows: Rows, terms: torch.Tensor) -> torch.Tensor:
         """(K,) log w_k = Σ_s log p_θ(x_σk(s) | …) − log n! − log q(σ_k)."""
         d = rows.data
         K, n = rows.num_samples, d["n"]
-        table = self.base.masked_nll(rows, logits)  # (K·n, n) nll of the masked positions of the scored token
+        table = self.base.masked_nll_from_terms(rows, terms)  # (K·n, n): nll of the scored token's positions
         nll = table[torch.arange(K * n), d["scored_pos"]].view(K, n).sum(1)
         return -nll - math.lgamma(n + 1) - d["log_q"]
 
-    def cost(self, rows: Rows, logits: torch.Tensor) -> torch.Tensor:
+    def log_weights(self, rows: Rows, logits: torch.Tensor) -> torch.Tensor:
+        return self.log_weights_from_terms(rows, self.logit_terms(rows, logits))
+
+    def cost_from_terms(self, rows: Rows, terms: torch.Tensor) -> torch.Tensor:
         """(K,) per-order values −log w_k; the estimate is `aggregate`, not their mean."""
-        return -self.log_weights(rows, logits)
+        return -self.log_weights_from_terms(rows, terms)
+
+    def cost(self, rows: Rows, logits: torch.Tensor) -> torch.Tensor:
+        return self.cost_from_terms(rows, self.logit_terms(rows, logits))
 
     @staticmethod
     def aggregate(values: torch.Tensor) -> tuple[float, float]:

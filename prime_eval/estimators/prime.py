@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from prime_eval import bound_kind as BK
 from prime_eval.errors import UserError
-from prime_eval.estimators.mdm import mask_exact_count, mask_independent, mask_levels, position_uniforms, sample_times
 from prime_eval.estimators.rows import Rows
+from prime_eval.estimators.sampler import MaskDraw, MaskSampler
 from prime_eval.subtokenizer import SubTokenizer
 
 
@@ -64,6 +64,7 @@ class PrimeEstimator:
         self.eps, self.T, self.cfg, self.temperature = eps, T, float(cfg), temperature
         self.chunks = parse_chunk(chunk)
         self.chunk = chunk
+        self.sampler = MaskSampler.for_estimator("prime", name, eps=eps, T=T, chunks=tuple(self.chunks))
         self.legacy_scope = legacy_scope
         self.mask_id = subtokenizer.base
         # onehot[c, j*b + v] = 1[digit_j(π(c)) = v]  (V, ℓ·b); ℓ = 1 uses a gather instead (b = V).
@@ -98,39 +99,25 @@ class PrimeEstimator:
                 "legacy_scope": self.legacy_scope if self.name == "legacy_joint" else None,
                 "bound_kind": self.bound_kind, "is_bound": self.is_bound}
 
-    # -- masks over the n·ℓ target sub-tokens ------------------------------------------------------------------
-    def masks(self, n_sub: int, generator: torch.Generator, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.name == "exact_count":
-            m, counts = mask_exact_count(generator, k, n_sub)
-            return m, n_sub / counts.double()
-        if self.name == "levels":
-            return mask_levels(generator, k, n_sub)
-        t = sample_times(generator, k, eps=self.eps, T=self.T)
-        if self.name == "legacy_joint":
-            return self._legacy_masks(t, n_sub, generator), 1.0 / (t + 1e-6)
-        return mask_independent(generator, t, n_sub), 1.0 / t
-
-    def _legacy_masks(self, t: torch.Tensor, n_sub: int, generator: torch.Generator) -> torch.Tensor:
-        """Chunked masking: for t >= point, groups of `size` consecutive target sub-tokens share one draw."""
-        u = position_uniforms(generator, t.numel(), n_sub)
-        if self.chunks == [(0.0, 1)]:
-            return u < t[:, None]
-        out = torch.empty_like(u, dtype=torch.bool)
-        for k in range(t.numel()):
-            size = ([s for p, s in self.chunks if float(t[k]) >= p] or [1])[-1]
-            group = torch.arange(n_sub) // size
-            out[k] = u[k, group] < t[k]  # one draw per group of `size` sub-tokens decides the whole group
-        return out
-
     # -- rows and costs -----------------------------------------------------------------------------------------
-    def rows(self, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator, num_samples: int) -> Rows:
-        x, target = torch.as_tensor(x, dtype=torch.long), torch.as_tensor(target, dtype=torch.bool)
-        if not bool(target.any()):
+    def draw(self, target: torch.Tensor, generator: torch.Generator | None, num_samples: int, *,
+             u: torch.Tensor | None = None) -> MaskDraw:
+        """K mask sets over the n·ℓ target sub-tokens from `self.sampler` (`estimators.sampler`): the per-sample
+        uniforms u (K,) are drawn from `generator` unless given (`ppl` gives its block-stratified u)."""
+        n = int(torch.as_tensor(target, dtype=torch.bool).sum())
+        if n == 0:
             raise UserError("empty continuation: there is nothing to score")
-        masks, weights = self.masks(int(target.sum()) * self.st.ell, generator, num_samples)
-        t = 1.0 / weights - (1e-6 if self.name == "legacy_joint" else 0.0) if self.name in ("mc", "legacy_joint") \
-            else None
-        return self.rows_from_masks(x, target, masks, weights, t=t)
+        return self.sampler.draw(generator, num_samples, n * self.st.ell, u=u)
+
+    def rows(self, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None, num_samples: int, *,
+             u: torch.Tensor | None = None) -> Rows:
+        """Rows of K samples: `rows_from_draw` of `draw`."""
+        return self.rows_from_draw(x, target, self.draw(target, generator, num_samples, u=u))
+
+    def rows_from_draw(self, x: torch.Tensor, target: torch.Tensor, draw: MaskDraw) -> Rows:
+        """Rows of a mask draw (or of a slice of one, `MaskDraw.samples`)."""
+        x, target = torch.as_tensor(x, dtype=torch.long), torch.as_tensor(target, dtype=torch.bool)
+        return self.rows_from_masks(x, target, draw.masks, draw.weights, t=draw.t)
 
     def rows_from_masks(self, x: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, weights: torch.Tensor,
                         t: torch.Tensor | None = None) -> Rows:
@@ -169,52 +156,80 @@ class PrimeEstimator:
             logits = logits.masked_fill(~consistent, float("-inf"))
         return F.log_softmax(logits, dim=-1)
 
-    def _scored(self, rows: Rows, logits: torch.Tensor):
+    @property
+    def row_local(self) -> bool:
+        """Whether each logit row's terms depend on that row alone (not with CFG, which pairs two rows)."""
+        return not self.cfg
+
+    def _scored(self, rows: Rows, logits: torch.Tensor, start: int = 0):
+        """CFG-combined logits and, for logit rows start..start+C: their row, token, masked digits (C, ℓ), true
+        digits (C, ℓ) and visible digits (C, ℓ; -1 where masked)."""
         d = rows.data
         K, ell = d["noisy"].shape[0], self.st.ell
         if self.cfg:
             cond, un = logits.chunk(2)
             logits = un + (self.cfg + 1.0) * (cond - un)
         row_of, tok_of = torch.nonzero(d["score"], as_tuple=True)  # (N,) row-major like the logits
-        sub_noisy = d["noisy"].view(K, -1, ell)[row_of, tok_of]  # (N, ℓ) which digits are masked
-        digits = d["y"].view(-1, ell)[tok_of]  # (N, ℓ) true digits
+        row_of, tok_of = row_of[start:start + logits.shape[0]], tok_of[start:start + logits.shape[0]]
+        sub_noisy = d["noisy"].view(K, -1, ell)[row_of, tok_of]  # (C, ℓ) which digits are masked
+        digits = d["y"].view(-1, ell)[tok_of]  # (C, ℓ) true digits
         visible = torch.where(sub_noisy, torch.full_like(digits, -1), digits)
         return logits, row_of, tok_of, sub_noisy, digits, visible
+
+    def logit_terms(self, rows: Rows, logits: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Per-position values of logit rows start..start+C (row-major over `logits_at`), float64 on the CPU:
+        (C, ℓ) -log of the true digits' marginals, 0 at visible digits; legacy_joint: (C,) the joint token CE
+        -log p̃(x^i | y_t) (with its temperature). The cost needs nothing else, so a caller may reduce the logits
+        chunk by chunk and free them (`estimators.rows.forward_terms`); the whole request at once with CFG."""
+        logits, row_of, tok_of, sub_noisy, digits, visible = self._scored(rows, logits, start)
+        dev = logits.device
+        if self.name == "legacy_joint":
+            lg = logits
+            if self.temperature is not None:  # τ(t) = (1-temp)·t + temp
+                t = rows.data["t"][row_of]
+                lg = lg / ((1.0 - self.temperature) * t + self.temperature)[:, None].to(lg)
+            logp = self.log_probs(lg, visible)  # carry-over: a fully visible token costs exactly 0
+            return -logp.gather(1, rows.data["x"][tok_of][:, None].to(dev)).squeeze(1).double().cpu()  # joint CE
+        ell = self.st.ell
+        logp = self.log_probs(logits, visible)
+        if ell == 1:
+            nll = -logp.gather(1, rows.data["x"][tok_of][:, None].to(dev))  # (C, 1)
+        else:
+            marg = logp.exp() @ self._onehot(logp)  # (C, ℓ·b): p(y^{i,j} = v | y_t) = Σ_{c: Digits[c,j]=v} p̃(c)
+            cols = (digits + torch.arange(ell) * self.st.base).to(dev)
+            q = marg.gather(1, cols).clamp_min(torch.finfo(marg.dtype).tiny)  # (C, ℓ) true-digit marginals
+            nll = -q.log()
+        return nll.double().cpu() * sub_noisy.double()  # only masked digits pay
+
+    def masked_nll_from_terms(self, rows: Rows, terms: torch.Tensor) -> torch.Tensor:
+        """(K, n·ℓ) float64: the marginal terms placed at their target sub-tokens, 0 elsewhere."""
+        if self.name == "legacy_joint":
+            raise ValueError("legacy_joint has no per-sub-token terms (it charges the joint token CE)")
+        d = rows.data
+        K, ell = d["noisy"].shape[0], self.st.ell
+        row_of, tok_of = torch.nonzero(d["score"], as_tuple=True)
+        full = torch.zeros(K, d["noisy"].shape[1] // ell, ell, dtype=torch.float64)
+        full[row_of, tok_of] = terms
+        return full.flatten(1)[:, d["sub_pos"]]
 
     def masked_nll(self, rows: Rows, logits: torch.Tensor) -> torch.Tensor:
         """(K, n·ℓ) float64: -log p_θ(y^{i,j} | y_t) (marginal) at each masked target sub-token, 0 elsewhere."""
         if self.name == "legacy_joint":
             raise ValueError("legacy_joint has no per-sub-token terms (it charges the joint token CE)")
-        logits, row_of, tok_of, sub_noisy, digits, visible = self._scored(rows, logits)
-        K, ell = rows.data["noisy"].shape[0], self.st.ell
-        logp = self.log_probs(logits, visible)
-        dev = logits.device
-        if ell == 1:
-            nll = -logp.gather(1, rows.data["x"][tok_of][:, None].to(dev))  # (N, 1)
-        else:
-            marg = logp.exp() @ self._onehot(logp)  # (N, ℓ·b): p(y^{i,j} = v | y_t) = Σ_{c: Digits[c,j]=v} p̃(c)
-            cols = (digits + torch.arange(ell) * self.st.base).to(dev)
-            q = marg.gather(1, cols).clamp_min(torch.finfo(marg.dtype).tiny)  # (N, ℓ) true-digit marginals
-            nll = -q.log()
-        nll = nll.double().cpu() * sub_noisy.double()  # only masked digits pay
-        full = torch.zeros(K, rows.data["noisy"].shape[1] // ell, ell, dtype=torch.float64)
-        full[row_of, tok_of] = nll
-        return full.flatten(1)[:, rows.data["sub_pos"]]
+        return self.masked_nll_from_terms(rows, self.logit_terms(rows, logits))
 
-    def cost(self, rows: Rows, logits: torch.Tensor) -> torch.Tensor:
-        """(K,) float64 per-sample values."""
+    def cost_from_terms(self, rows: Rows, terms: torch.Tensor) -> torch.Tensor:
+        """(K,) float64 per-sample values: weight_k · Σ of the sample's terms."""
         d = rows.data
         if self.name != "legacy_joint":
-            return (d["weights"] * self.masked_nll(rows, logits).sum(1)).view(-1, d["rows_per_sample"]).sum(1)
-        logits, row_of, tok_of, sub_noisy, digits, visible = self._scored(rows, logits)
-        lg = logits
-        if self.temperature is not None:  # τ(t) = (1-temp)·t + temp
-            t = d["t"][row_of]
-            lg = lg / ((1.0 - self.temperature) * t + self.temperature)[:, None].to(lg)
-        logp = self.log_probs(lg, visible)  # carry-over: a fully visible token costs exactly 0
-        nll = -logp.gather(1, d["x"][tok_of][:, None].to(lg.device)).squeeze(1).double().cpu()  # joint token CE
-        K = d["noisy"].shape[0]
-        return d["weights"] * torch.zeros(K, dtype=torch.float64).index_add_(0, row_of, nll)
+            values = d["weights"] * self.masked_nll_from_terms(rows, terms).sum(1)
+            return values.view(-1, d["rows_per_sample"]).sum(1)
+        row_of = torch.nonzero(d["score"], as_tuple=True)[0]
+        return d["weights"] * torch.zeros(d["noisy"].shape[0], dtype=torch.float64).index_add_(0, row_of, terms)
+
+    def cost(self, rows: Rows, logits: torch.Tensor) -> torch.Tensor:
+        """(K,) float64 per-sample values from the logits at `rows.logits_at` (N, V)."""
+        return self.cost_from_terms(rows, self.logit_terms(rows, logits))
 
 
 def digit_marginals(st: SubTokenizer, log_probs: torch.Tensor) -> torch.Tensor:
