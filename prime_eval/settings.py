@@ -359,3 +359,9 @@ def help_text(command: str, family: str | None = None) -> str:
 def ppl_flags() -> list[dataclasses.Field]:
     """The settings that `prime-eval ppl` also takes as flags (`--samples` is `samples=`)."""
     return [f for f in dataclasses.fields(Settings) if f.metadata["flag"] and "ppl" in f.metadata["commands"]]
+
+
+if __name__ == "__main__":  # python -m prime_eval.settings score|ppl: the block docs/adapters.md quotes
+    import sys
+
+    print(help_text(sys.argv[1] if len(sys.argv) > 1 else "score"))

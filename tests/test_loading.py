@@ -50,6 +50,15 @@ def test_score_and_ppl_get_the_same_bundle(ckpts):
     assert bf16.identity["dtype"] == "torch.bfloat16" and bf16.identity != a.identity
 
 
+def test_score_records_the_permutation_hash(ckpts):
+    """`permutation_sha256` used to be written by `ppl` only."""
+    from model_adapters import PrimeLM
+
+    lm = PrimeLM(**_values(ckpts))
+    info = lm.get_model_info()["prime_eval"]
+    assert info["permutation_sha256"] == lm.bundle.identity["permutation_sha256"] and info["permutation_file"]
+
+
 def test_tokenizer_and_permutation_fail_before_the_weights(ckpts, monkeypatch):
     import prime_eval.checkpoints as C
 

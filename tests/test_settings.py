@@ -114,3 +114,29 @@ def test_adaptive_applies_to_the_mean_estimators():
             est = get_estimator(family, name, **opts)
             mc_mean = not getattr(est, "deterministic", False) and not hasattr(est, "aggregate")
             assert adaptive_applies(name) == mc_mean, (family, name)
+
+
+def test_docs_quote_the_generated_settings_list():
+    """docs/adapters.md shows the settings exactly as `prime-eval score --help` does (python -m prime_eval.settings)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "adapters.md").read_text()
+    block = text.split("<!-- settings:score", 1)[1].split("```\n", 1)[1].split("\n```", 1)[0]
+    assert block == help_text("score")
+
+
+def test_ppl_help_lists_the_settings_and_their_flags():
+    import argparse
+
+    from prime_eval.commands import ppl
+
+    parser = ppl.register(argparse.ArgumentParser().add_subparsers())
+    text = parser.format_help()
+    for f in Settings.fields_for("prime", "ppl"):
+        assert f"  {f.name} " in text
+    args = parser.parse_args(["--model", "mdm", "--samples", "3", "-b", "8", "--model_args", "checkpoint=x,seed=5"])
+    s = ppl.ppl_settings(args)
+    assert (s.samples, s.rows_per_pass, s.seed) == (3, 8, 5)
+    args = parser.parse_args(["--model", "mdm", "--samples", "3", "--model_args", "checkpoint=x,samples=4"])
+    with pytest.raises(UserError, match="samples is given twice, as --samples 3 and in --model_args"):
+        ppl.ppl_settings(args)
