@@ -13,10 +13,11 @@ and the values of the rounds of documents still running. A kill loses at most th
 reads the final results and the stored rounds, replays the stopping decisions on the stored values (a pure
 function, so it stops where the killed run would have) and computes only what was not stored: the same numbers.
 
-Progress. One bar per call, counting forward rows, advanced by every forward pass (a forward pre-hook on the
-network). Its total is the rows done plus a running estimate of the rows left: a request's rows per sample once its
-first step is built (before that, the mean over built steps); for an adaptive document, the mean number of samples
-of the documents finished so far (the cap until one finishes); for `is_greedy`, n passes per request (its maximum).
+Progress. One bar per call, counting forward rows, advanced as every forward pass goes through the network's blocks
+(forward hooks; `_counting_rows`). Its total is the rows done plus a running estimate of the rows left: a request's
+rows per sample once its first step is built (before that, the mean over built steps); for an adaptive document, a
+Kaplan–Meier estimate of its final number of samples from the stopping decisions made so far, per round
+(`_expected_samples`, hazards smoothed by Laplace's rule); for `is_greedy`, n passes per request (its maximum).
 """
 from __future__ import annotations
 
@@ -93,13 +94,17 @@ class RequestScorer:
     cache: object = None
     desc: str = "loglikelihood"
     counters: ScoreCounters = field(default_factory=ScoreCounters)
-    _finished_samples: list = field(default_factory=list, init=False, repr=False)  # per finished adaptive document
-    _rows_per_sample: list = field(default_factory=list, init=False, repr=False)  # of every built step
+    _rows_per_sample: list = field(default_factory=list, init=False, repr=False)  # [Σ rows/k, built steps]
+    _greedy_left: int = field(default=0, init=False, repr=False)  # is_greedy passes still to come (at most)
+    _reached: list = field(default_factory=list, init=False, repr=False)  # documents decided after round j
+    _stopped: list = field(default_factory=list, init=False, repr=False)  # ... and stopped there
 
     # -- the run -------------------------------------------------------------------------------------------------
     def score(self, items: list[dict], progress: bool = True) -> None:
-        """Fill RESULT_FIELDS of every item (and `_values`: its per-sample values)."""
+        """Fill RESULT_FIELDS of every item."""
         jobs = self._jobs(items)
+        levels = len(self.rule.schedule()) if self.rule else 0
+        self._reached, self._stopped = [0] * levels, [0] * levels
         todo = self._from_cache(jobs) if self.cache is not None else jobs
         self.counters.computed += sum(len(j.items) for j in todo)
         todo.sort(key=lambda j: -j.length)  # longest first: passes of similar lengths
@@ -122,6 +127,12 @@ class RequestScorer:
 
     def _run(self, jobs: list[_Job], bar) -> None:
         queue, active = deque(jobs), []
+        waiting = {"fixed": 0, "choices": 0}  # not started: fixed requests, choices of adaptive documents
+        for job in jobs:
+            waiting["choices" if job.adaptive else "fixed"] += len(job.items)
+        self._greedy_left = sum(it["n"] for j in jobs for it in j.items
+                                if self._wants_greedy(it) and "greedy_computed" not in it)
+        done, total = 0, sum(len(j.items) for j in jobs)
         while queue or active:
             chunk: list[tuple[_Job, list]] = []
             budget = [0, 0]  # rows, logits
@@ -130,13 +141,15 @@ class RequestScorer:
                     break
             else:
                 while queue and self._take(queue[0], chunk, budget):
-                    active.append(queue.popleft())
-            self._update_total(bar, jobs)
+                    job = queue.popleft()
+                    waiting["choices" if job.adaptive else "fixed"] -= len(job.items)
+                    active.append(job)
+            self._update_total(bar, waiting, active)
             self._score_chunk(chunk)
+            done += sum(len(j.items) for j in active if j.final)
             active = [j for j in active if not j.final]
-            self._update_total(bar, jobs)
-            bar.set_postfix_str(f"requests {sum(len(j.items) for j in jobs if j.final)}/"
-                                f"{sum(len(j.items) for j in jobs)}", refresh=False)
+            self._update_total(bar, waiting, active)
+            bar.set_postfix_str(f"requests {done}/{total}", refresh=False)
 
     def _take(self, job: _Job, chunk: list, budget: list) -> bool:
         """Add the job's next step to the chunk if it fits (an empty chunk takes any step)."""
@@ -162,7 +175,8 @@ class RequestScorer:
             it["target"] = target
             seed = request_seed(it["seed"], "round", str(job.rounds)) if job.adaptive else it["seed"]
             r = self.est.rows(it["x"], target, torch.Generator().manual_seed(seed), k)
-            self._rows_per_sample.append(_rows(r) / k)
+            self._rows_per_sample = [self._rows_per_sample[0] + _rows(r) / k, self._rows_per_sample[1] + 1] \
+                if self._rows_per_sample else [_rows(r) / k, 1]
             step.append((it, r, job.rounds if job.adaptive else None))
         return step
 
@@ -175,7 +189,7 @@ class RequestScorer:
             self.counters.rows_computed += rows
             if rnd is None:  # fixed samples: final now
                 mean, stderr = mean_and_stderr(values, getattr(self.est, "aggregate", None))  # iw: -log-mean-exp
-                it.update(ll=-mean, stderr=stderr, num_samples=values.numel(), rows=rows, _values=values,
+                it.update(ll=-mean, stderr=stderr, num_samples=values.numel(), rows=rows,
                           extra=({"log_weights": (-values).tolist(), "ess": self.est.ess(values)}
                                  if hasattr(self.est, "ess") else {}))
                 if self.greedy is None:  # ARM: argmax of the same logits, no extra pass
@@ -188,13 +202,12 @@ class RequestScorer:
         stored = []
         for job, step in chunk:
             if job.adaptive:
-                job.total += self.rule.next_round(job.total)
+                k = self.rule.next_round(job.total)
+                job.total += k
                 job.rounds += 1
-                stop = decide(self.rule, [torch.cat(it["_rounds"]) for it in job.items],
-                              [it["chars"] for it in job.items])
+                stop = self._decide(job)
                 if stop is None:
-                    stored += [(self._round_key(it, job.rounds - 1, r.num_samples), _round_value(it, r))
-                               for it, r, _ in step]
+                    stored += [(self._round_key(it, job.rounds - 1, k), _round_value(it, r)) for it, r, _ in step]
                     continue
                 self._finish(job, stop)
             job.final = True
@@ -216,14 +229,21 @@ class RequestScorer:
             for it in wanted:
                 it["greedy_computed"] = True
                 self.counters.rows_computed += it["greedy_rows"]
+                self._greedy_left -= it["n"]
+
+    def _decide(self, job: _Job) -> str | None:
+        """The stopping rule after the job's latest round (counted for the progress estimate)."""
+        stop = decide(self.rule, [torch.cat(it["_rounds"]) for it in job.items], [it["chars"] for it in job.items])
+        self._reached[job.rounds - 1] += 1
+        self._stopped[job.rounds - 1] += stop is not None
+        return stop
 
     def _finish(self, job: _Job, stop: str) -> None:
         for it in job.items:
             values = torch.cat(it.pop("_rounds"))
             mean, stderr = mean_and_stderr(values)
-            it.update(ll=-mean, stderr=stderr, num_samples=values.numel(), _values=values,
+            it.update(ll=-mean, stderr=stderr, num_samples=values.numel(),
                       extra={"settled": stop == SETTLED, "stop": stop, "rounds": job.rounds})
-        self._finished_samples.append(job.total)
 
     # -- the cache -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -288,36 +308,44 @@ class RequestScorer:
             self.counters.rounds_reused += n
             job.total += k
             job.rounds += 1
-            stop = decide(self.rule, [torch.cat(it["_rounds"]) for it in job.items], [it["chars"] for it in job.items])
+            stop = self._decide(job)
             if stop is not None:
                 self._finish(job, stop)
                 job.final = True
                 return
 
     # -- progress ------------------------------------------------------------------------------------------------
-    def _update_total(self, bar, jobs: list[_Job]) -> None:
-        """bar.total = rows done + the running estimate of the rows left (module docstring)."""
+    def _update_total(self, bar, waiting: dict, active: list[_Job]) -> None:
+        """bar.total = rows done + the running estimate of the rows left (module docstring); O(active jobs)."""
         if bar.disable or not self._rows_per_sample:
             return
-        rps = sum(self._rows_per_sample) / len(self._rows_per_sample)
-        samples = (sum(self._finished_samples) / len(self._finished_samples) if self._finished_samples
-                   else self.rule.cap if self.rule else 0)
-        left = 0.0
-        for job in jobs:
+        rps = self._rows_per_sample[0] / self._rows_per_sample[1]
+        left = self._greedy_left + rps * (waiting["fixed"] * self.num_samples
+                                          + (waiting["choices"] * self._expected_samples(0) if self.rule else 0))
+        for job in active:
             if job.final:
                 continue
             staged = 0 if job.staged is None else job.staged[0][1].num_samples
             if job.staged is not None:
                 left += sum(_rows(r) for _, r, _ in job.staged)
-            if job.adaptive:  # at least the next round, else the finished documents' mean
-                expect = max(samples, job.total + self.rule.next_round(job.total))
+            if job.adaptive:
                 per = sum(it["rows"] / job.total if job.total else rps for it in job.items)
-                left += max(expect - job.total - staged, 0) * per
-            elif job.staged is None:
-                left += self.num_samples * rps
-            left += sum(it["n"] for it in job.items if "greedy_computed" not in it and self._wants_greedy(it))
+                left += max(self._expected_samples(job.rounds) - job.total - staged, 0) * per
         bar.total = int(bar.n + left)
         bar.refresh()
+
+    def _expected_samples(self, level: int) -> float:
+        """E[final samples | the document reached round `level`]: a discrete-time survival (Kaplan–Meier) estimate
+        from the decisions so far, with the hazard after round j smoothed by Laplace's rule of succession,
+        h_j = (stopped_j + 1) / (decided_j + 2) (½ before any document got there; the cap stops everything)."""
+        sizes = self.rule.schedule()
+        total, survive, expect = sum(sizes[:level]), 1.0, 0.0
+        for j in range(level, len(sizes)):
+            total += sizes[j]
+            h = 1.0 if j == len(sizes) - 1 else (self._stopped[j] + 1) / (self._reached[j] + 2)
+            expect += survive * h * total
+            survive *= 1.0 - h
+        return expect
 
     def _wants_greedy(self, it: dict) -> bool:
         return self.greedy is not None and (self.greedy_mode is True or
@@ -345,16 +373,37 @@ def _round_value(it: dict, r) -> dict:
 
 @contextmanager
 def _counting_rows(net, bar):
-    """Advance `bar` by the rows of every forward pass of `net` while scoring."""
+    """Advance `bar` by the rows of every forward pass of `net` while scoring, block by block where the network has
+    a stack of blocks (its largest ModuleList): a pass of R rows through B blocks moves the bar B times by ~R/B, so
+    the bar moves several times per pass even on a slow CPU. The pass's rows are complete when it returns."""
     if bar.disable or not isinstance(net, torch.nn.Module):
         yield
         return
-    def count(_module, args) -> None:  # returns None: the inputs are left as they are
-        if args:
-            bar.update(int(args[0].shape[0]))
+    lists = [m for m in net.modules() if isinstance(m, torch.nn.ModuleList)]
+    blocks = list(max(lists, key=len)) if lists else []
+    state = {"rows": 0, "done": 0, "blocks": 0}
 
-    handle = net.register_forward_pre_hook(count)
+    def advance(upto: int) -> None:
+        if upto > state["done"]:
+            bar.update(upto - state["done"])
+            state["done"] = upto
+
+    def start(_module, args) -> None:  # hooks return None: inputs and outputs are left as they are
+        advance(state["rows"])  # a pass that did not return (cannot happen) is complete
+        state.update(rows=int(args[0].shape[0]) if args else 0, done=0, blocks=0)
+
+    def block_done(_module, _args, _out) -> None:
+        state["blocks"] = min(state["blocks"] + 1, len(blocks))
+        advance(state["rows"] * state["blocks"] // (len(blocks) + 1))  # the head's share is left for the end
+
+    def end(_module, _args, _out) -> None:
+        advance(state["rows"])
+        state["rows"] = state["done"] = 0
+
+    handles = [net.register_forward_pre_hook(start), net.register_forward_hook(end)]
+    handles += [b.register_forward_hook(block_done) for b in blocks]
     try:
         yield
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()

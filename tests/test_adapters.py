@@ -303,6 +303,18 @@ def test_one_progress_bar_in_forward_rows_moving_every_pass(gpt2_tok, monkeypatc
     assert bar.n == sum(r["num_forward_rows"] + r["greedy_forward_rows"] for r in lm.stats) == bar.total
     assert max(r.get("rounds", 1) for r in lm.stats) >= 2  # several adaptive rounds, still one bar
     assert all(t is not None for t in bar.totals)
+    # a network with a stack of blocks moves the bar block by block (several times per pass)
+    from prime_eval.networks.lit_gpt import Config, TransEncoder
+
+    torch.manual_seed(0)
+    deep = TransEncoder(Config(n_layer=3, n_embd=32, n_head=2, intermediate_size=64, vocab_size=50257, block_size=128))
+    deep_passes = []
+    deep.register_forward_pre_hook(lambda _m, args: deep_passes.append(int(args[0].shape[0])) and None)
+    _BarRecorder.bars = []
+    MDMLM(model=deep, tokenizer=gpt2_tok, samples=8, rows_per_pass=16, greedy="false").loglikelihood(reqs[:4])
+    (bar,) = [b for b in _BarRecorder.bars if not b.disable]
+    assert min(deep_passes) >= 4 and len(bar.updates) == 4 * len(deep_passes)  # 3 blocks + the head, every pass
+    assert bar.n == sum(deep_passes) == bar.total
 
 
 def test_stats_say_whether_is_greedy_was_computed(gpt2_tok):
