@@ -111,3 +111,32 @@ def test_demo_loads_through_the_one_loader(monkeypatch):
     s = seen["settings"]
     assert (s.checkpoint, s.tokenizer, s.permutation, s.config, s.device) == (
         "/m/prime.pth", "/m/tok", "/m/p.pt", "n_head=4", "cpu")
+
+
+def test_ppl_cli_one_vocabulary(ckpts, shared_data, tmp_path):
+    """`prime-eval ppl`: samples=/seed= in --model_args give the very numbers of --samples/--seed (ppl used to reject
+    samples= as unknown); an ARM run takes no ε and records none, as before."""
+    import json
+
+    from prime_eval.cli import main
+
+    common = ["ppl", "--files", str(shared_data / "wikitext2" / "test.txt"), "--L", "32", "--max-tokens", "300",
+              "--bootstrap", "0", "--no-progress"]
+    margs = (f"checkpoint={ckpts['dir'] / 'prime.pth'},tokenizer={ckpts['tok']},config={CFG},"
+             f"permutation={ckpts['dir'] / 'p0.pt'},device=cpu")
+    assert main([*common, "--model", "prime", "--model_args", margs, "--samples", "2", "--seed", "3",
+                 "-o", str(tmp_path / "flags.json")]) == 0
+    assert main([*common, "--model", "prime", "--model_args", margs + ",samples=2,seed=3",
+                 "-o", str(tmp_path / "margs.json")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("flags.json", "margs.json"))
+    drop = ("seconds", "tokens_per_second")
+    assert {k: v for k, v in a["results"].items() if k not in drop} == \
+        {k: v for k, v in b["results"].items() if k not in drop}
+    assert a["results"]["samples_per_block"] == 2 and a["model"]["permutation_sha256"]
+    from prime_eval.networks.lit_gpt import GPT, Config
+
+    cfg = Config(n_layer=1, n_embd=32, n_head=2, intermediate_size=64, vocab_size=50257, block_size=128)
+    torch.save({"model": GPT(cfg).state_dict()}, tmp_path / "arm.pth")
+    arm = f"checkpoint={tmp_path / 'arm.pth'},tokenizer={ckpts['tok']},config={CFG},device=cpu"
+    assert main([*common, "--model", "arm", "--model_args", arm, "-o", str(tmp_path / "arm.json")]) == 0
+    assert json.loads((tmp_path / "arm.json").read_text())["protocol"]["eps"] is None  # as before: no time

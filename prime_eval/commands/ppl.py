@@ -133,9 +133,10 @@ def main(args: argparse.Namespace) -> int:
     err = Console(stderr=True, quiet=D.dist_info().rank != 0)  # rank 0 speaks for a data-parallel run
     out = Console(quiet=D.dist_info().rank != 0)
     settings = ppl_settings(args)  # every setting checked before anything is read or loaded
-    protocol = P.Protocol(L=args.L, wrap=not args.no_wrap, num_samples=settings.samples, eps=settings.eps,
-                          T=settings.T, seed=settings.seed, strata=args.strata, max_tokens=args.max_tokens,
-                          target_se=args.target_se, min_blocks=args.min_blocks, bootstrap=args.bootstrap)
+    diffusion = {"eps": settings.eps, "T": settings.T} if args.model != "arm" else {}  # ARM: no time, the defaults
+    protocol = P.Protocol(L=args.L, wrap=not args.no_wrap, num_samples=settings.samples, seed=settings.seed,
+                          strata=args.strata, max_tokens=args.max_tokens, target_se=args.target_se,
+                          min_blocks=args.min_blocks, bootstrap=args.bootstrap, **diffusion)
     if args.output and Path(args.output).is_dir():
         raise UserError(f"--output {args.output} is a folder; give a file name such as {args.output}/ppl.json")
     if args.output:  # before any long work: a full disk or read-only folder fails now, not after the run
