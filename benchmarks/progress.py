@@ -77,9 +77,10 @@ def main() -> None:
     times = [0.0] + [t for t, _, _ in bar.events]
     gaps = [b - a for a, b in zip(times, times[1:])]
     rows = bar.n
-    print(f"model: lit_gpt MDM {args.layers} layers x {args.dim}, {sum(p.numel() for p in net.parameters()) / 1e6:.0f}M "
-          f"params, CPU threads {torch.get_num_threads()}; piqa {args.docs} docs, default settings")
-    print(f"run {seconds:.0f} s, {rows} forward rows in {len(passes)} passes ({rows / len(passes) / lm.rows_per_pass:.0%} "
+    params = sum(p.numel() for p in net.parameters()) / 1e6
+    print(f"model: lit_gpt MDM {args.layers} layers x {args.dim}, {params:.0f}M params, CPU threads {torch.get_num_threads()}; piqa {args.docs} docs, default settings")
+    fill = rows / len(passes) / lm.rows_per_pass
+    print(f"run {seconds:.0f} s, {rows} forward rows in {len(passes)} passes ({fill:.0%} "
           f"full at rows_per_pass {lm.rows_per_pass}; chunk_rows {lm.settings.resolved_chunk_rows()}, "
           f"{lm.counters.chunks} chunks), {len(bar.events)} bar moves")
     print(f"gap between bar moves: median {statistics.median(gaps):.1f} s, max {max(gaps):.1f} s "

@@ -158,7 +158,8 @@ class Settings:
                                   "e.g. lambada), true (always), false (never)", families=DIFFUSION)
     # -- the machine: none of these changes a number -------------------------------------------------------
     rows_per_pass: int | None = setting(None, "network rows per forward pass; never changes a number (score's "
-                                        "default: an integer --batch_size, else 64)", commands=BOTH, by_command={"ppl": 16},
+                                        "default: an integer --batch_size, else 64)", commands=BOTH,
+                                        by_command={"ppl": 16},
                                         check=_at_least(1), flag="--rows-per-pass")
     chunk_rows: int | None = setting(None, "forward rows per chunk of requests (default 8 × rows_per_pass); the "
                                      "results of a chunk are stored together, so a killed run loses at most "

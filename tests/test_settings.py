@@ -95,7 +95,8 @@ def test_device_given_twice_follows_lm_eval():
     here the same value is accepted and different values are a one-line error."""
     assert merge_lm_eval_args({"device": "cpu"}, {"device": None, "batch_size": None}) == {"device": "cpu"}
     assert merge_lm_eval_args({}, {"device": "cuda:1"}) == {"device": "cuda:1"}
-    assert merge_lm_eval_args({"device": "cpu", "batch_size": 8}, {"device": "cpu", "batch_size": "8"})["device"] == "cpu"
+    same = merge_lm_eval_args({"device": "cpu", "batch_size": 8}, {"device": "cpu", "batch_size": "8"})
+    assert same == {"device": "cpu", "batch_size": "8"}
     with pytest.raises(UserError, match=r"device is given twice, as --device cuda and in model_args \(device=cpu\)"):
         merge_lm_eval_args({"device": "cpu"}, {"device": "cuda"})
 
