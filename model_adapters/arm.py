@@ -4,6 +4,7 @@
 
 Log-likelihood: exact teacher forcing, summed over the continuation; `is_greedy`: every continuation token is the
 argmax of its conditional (lm-eval's `hf` convention). `generate_until`: greedy decoding through the network.
+Every model argument: `prime-eval score --help` (`prime_eval.settings`).
 """
 from __future__ import annotations
 
@@ -13,15 +14,11 @@ from tqdm import tqdm
 
 from model_adapters.base import PrimeEvalLM
 from prime_eval.errors import UserError
-from prime_eval.estimators import get_estimator
 
 
 @register_model("arm")
 class ARMLM(PrimeEvalLM):
     family = "arm"
-
-    def _make_estimator(self, name, options: dict):
-        return get_estimator("arm", name or "exact")
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy decoding, one request at a time, until a stop string, EOS or `max_gen_toks` new tokens."""

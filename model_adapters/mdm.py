@@ -2,27 +2,26 @@
 
     lm_eval --model mdm --model_args checkpoint=mdm.safetensors,tokenizer=...,estimator=mc,samples=128
 
-Estimators (`estimator=`): `mc` (default; stratified t, independent masking, weight 1/t), `exact_count` (LLaDA),
-`chain_rule` (deterministic left-to-right; not the ELBO), `iw` (importance-weighted any-order bound, `orders=K`,
-`proposal=uniform|pl`, `tau`). Options: `eps`, `T`, `cfg` (cfg > 0 is not a likelihood: flagged `is_bound: false`). `is_greedy`: greedy confidence-ordered unmasking (`prime_eval.estimators.greedy`).
+Estimators (`estimator=`): `exact_count` (default for scoring; LLaDA), `mc` (stratified t, independent masking,
+weight 1/t), `levels`, `chain_rule` (deterministic left-to-right; not the ELBO), `iw` (importance-weighted any-order
+bound, `orders=K`, `proposal=uniform|pl`, `tau`). Options: `eps`, `T`, `cfg` (cfg > 0 is not a likelihood: flagged
+`is_bound: false`). `is_greedy`: greedy confidence-ordered unmasking (`prime_eval.estimators.greedy`).
+Every model argument: `prime-eval score --help` (`prime_eval.settings`).
 """
 from __future__ import annotations
 
 from lm_eval.api.registry import register_model
 
-from model_adapters.base import DEFAULT_SCORE_ESTIMATOR, PrimeEvalLM
-from prime_eval.estimators import get_estimator
+from model_adapters.base import PrimeEvalLM
 from prime_eval.estimators.greedy import greedy_unmask
 
 
 @register_model("mdm")
 class MDMLM(PrimeEvalLM):
     family = "mdm"
-    OPTIONS = ("eps", "T", "cfg", "orders", "proposal", "tau")
 
-    def _make_estimator(self, name, options: dict):
-        opts = self._iw_options(name, options)
-        return get_estimator("mdm", name or DEFAULT_SCORE_ESTIMATOR, mask_id=self.net.mask_id, **opts)
+    def _family_options(self) -> dict:
+        return {"mask_id": self.net.mask_id}
 
     def _greedy(self, items: list[dict]) -> None:
         ok, rows = greedy_unmask(self.net, [(it["x"], it["target"]) for it in items], mask_id=self.net.mask_id,

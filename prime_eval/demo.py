@@ -547,17 +547,15 @@ PPL_ESTIMATORS = {"arm": ("exact",), "mdm": ("mc", "exact_count", "chain_rule"),
 
 
 def load_demo_network(family: str, art: ModelArtifacts, settings: DemoSettings):
-    """(network, tokenizer, sub-tokenizer or None, info) through the harness's own loaders."""
-    from prime_eval.checkpoints import load_network, load_tokenizer
-    from prime_eval.subtokenizer import SubTokenizer, load_permutation
+    """(network, tokenizer, sub-tokenizer or None, info) through the harness's one loader (`prime_eval.loading`)."""
+    from prime_eval.loading import load_model
+    from prime_eval.settings import Settings
 
-    net, info = load_network(art.checkpoints[family], family=family, config={"n_head": settings.model.n_head})
-    tok = load_tokenizer(art.tokenizer_dir, vocab_size=net.vocab_size)
-    st = None
-    if family == "prime":
-        st = SubTokenizer(net.vocab_size, ell=net.ell, base=net.base,
-                          perm=load_permutation(art.permutation, net.base ** net.ell))
-    return net, tok, st, info
+    values = {"checkpoint": str(art.checkpoints[family]), "tokenizer": str(art.tokenizer_dir),
+              "config": f"n_head={settings.model.n_head}", "device": "cpu",
+              "permutation": str(art.permutation) if family == "prime" else None}
+    b = load_model(family, Settings.parse(values, family=family, command="ppl"))
+    return b.network, b.tokenizer, b.subtokenizer, b.info
 
 
 def paired_stats(model_nll: np.ndarray, true_nll: np.ndarray, n_bytes: np.ndarray) -> dict:
@@ -764,7 +762,7 @@ def _demo_tables(summary: dict) -> list:
     rows.append(bayes_row)
     for fam in FAMILIES:
         name = f"{fam}-demo"
-        from model_adapters.base import DEFAULT_SCORE_ESTIMATOR  # what `prime-eval score` used (its default)
+        from prime_eval.settings import DEFAULT_SCORE_ESTIMATOR  # what `prime-eval score` used (its default)
 
         est = "exact" if fam == "arm" else f"{DEFAULT_SCORE_ESTIMATOR} (K={summary['settings']['score_samples']})"
         row = [f"{LABELS[fam]} ({summary['models'][fam]['params'] / 1e6:.2f}M)", est]

@@ -253,11 +253,112 @@ def test_adaptive_sampling_stops_settled_and_futile_documents(gpt2_tok):
     doc1 = by_doc[(1, 0)]  # a near tie on a random network: settled, futile (z·sqrt(cap/total) < 1) or the cap
     assert doc1["stop"] in ("settled", "futile", "cap") and doc1["num_samples"] in (16, 32, 64, 128, 256)
     assert doc1["stop"] != "futile" or doc1["num_samples"] >= 64
-    z = lm._ranking_z([{"_rounds": [torch.tensor([1.0, 2.0, 3.0])], "chars": 3},
-                       {"_rounds": [torch.tensor([1.0, 2.0, 3.0])], "chars": 3}])
-    assert z == 0.0  # an exact tie never settles
     fixed = MDMLM(model=net, tokenizer=gpt2_tok, samples=32, adaptive=False)
     fixed.loglikelihood(reqs)
     assert all(r["num_samples"] == 32 and "stop" not in r for r in fixed.stats)
     with pytest.raises(UserError, match="confidence"):
         MDMLM(model=net, tokenizer=gpt2_tok, confidence=1.5)
+
+
+class _BarRecorder:
+    """Stands in for tqdm: records every bar, its updates and the totals it was given."""
+
+    bars: list = []
+
+    def __init__(self, total=None, desc="", disable=False, **kw):
+        self.total, self.desc, self.disable, self.n, self.updates, self.totals = total, desc, disable, 0, [], []
+        _BarRecorder.bars.append(self)
+
+    def update(self, k):
+        self.n += k
+        self.updates.append(k)
+
+    def refresh(self):
+        self.totals.append(self.total)
+
+    def set_postfix_str(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_one_progress_bar_in_forward_rows_moving_every_pass(gpt2_tok, monkeypatch):
+    """Adaptive rounds used to restart the bar with a smaller total each round (160 -> 150 -> 144 -> 70), and a
+    chunk showed 0% until it was done. Now: one bar per call, advanced by every forward pass, in forward rows, whose
+    total (a running estimate) never falls below the rows done and ends at the rows actually run."""
+    import model_adapters.scoring as S
+
+    _BarRecorder.bars = []
+    monkeypatch.setattr(S, "tqdm", _BarRecorder)
+    net = TinyDenoiser("mdm", len(gpt2_tok), seed=2)
+    passes = []
+    net.register_forward_pre_hook(lambda _m, args: passes.append(int(args[0].shape[0])) and None)
+    lm = MDMLM(model=net, tokenizer=gpt2_tok, samples=64, round_samples=8, rows_per_pass=16)
+    reqs = _requests(12) + [Instance("loglikelihood", {}, ("The cat sat on the", " mat"), 0, ("lamb", 0, 1))]
+    lm.loglikelihood(reqs)
+    (bar,) = [b for b in _BarRecorder.bars if not b.disable]
+    assert "forward rows" in bar.desc and "estimated" in bar.desc
+    assert bar.updates == passes and len(passes) >= 5  # every pass (estimator and is_greedy) moves the bar
+    assert bar.n == sum(r["num_forward_rows"] + r["greedy_forward_rows"] for r in lm.stats) == bar.total
+    assert max(r.get("rounds", 1) for r in lm.stats) >= 2  # several adaptive rounds, still one bar
+    assert all(t is not None for t in bar.totals)
+    # a network with a stack of blocks moves the bar block by block (several times per pass)
+    from prime_eval.networks.lit_gpt import Config, TransEncoder
+
+    torch.manual_seed(0)
+    deep = TransEncoder(Config(n_layer=3, n_embd=32, n_head=2, intermediate_size=64, vocab_size=50257, block_size=128))
+    deep_passes = []
+    deep.register_forward_pre_hook(lambda _m, args: deep_passes.append(int(args[0].shape[0])) and None)
+    _BarRecorder.bars = []
+    MDMLM(model=deep, tokenizer=gpt2_tok, samples=8, rows_per_pass=16, greedy="false").loglikelihood(reqs[:4])
+    (bar,) = [b for b in _BarRecorder.bars if not b.disable]
+    assert min(deep_passes) >= 4 and len(bar.updates) == 4 * len(deep_passes)  # 3 blocks + the head, every pass
+    assert bar.n == sum(deep_passes) == bar.total
+
+
+def test_stats_say_whether_is_greedy_was_computed(gpt2_tok):
+    """greedy=auto skips multiple-choice documents: their is_greedy is false because it was not computed."""
+    net = TinyDenoiser("mdm", len(gpt2_tok), seed=2)
+    mc = [Instance("loglikelihood", {}, ("Question: a\nAnswer:", c), i, ("piqa", 0, 1))
+          for i, c in enumerate([" yes", " no"])]
+    single = [Instance("loglikelihood", {}, ("The cat sat on the", " mat"), 0, ("lambada", 0, 1))]
+    auto = MDMLM(model=net, tokenizer=gpt2_tok, samples=4)
+    auto.loglikelihood(mc + single)
+    computed = {r["task"]: r["is_greedy_computed"] for r in auto.stats}
+    assert computed == {"piqa": False, "lambada": True}
+    assert all(r["greedy_forward_rows"] == 0 for r in auto.stats if r["task"] == "piqa")
+    always = MDMLM(model=net, tokenizer=gpt2_tok, samples=4, greedy="true")
+    always.loglikelihood(mc + single)
+    assert all(r["is_greedy_computed"] and r["greedy_forward_rows"] >= 1 for r in always.stats)
+    never = MDMLM(model=net, tokenizer=gpt2_tok, samples=4, greedy="false")
+    never.loglikelihood(single)
+    assert never.stats[0]["is_greedy_computed"] is False and never.stats[0]["is_greedy"] is False
+    arm = ARMLM(model=TinyDenoiser("arm", len(gpt2_tok)), tokenizer=gpt2_tok)
+    arm.loglikelihood(mc)
+    assert all(r["is_greedy_computed"] and r["is_greedy_deterministic"] for r in arm.stats)
+
+
+def test_device_in_model_args_and_from_lm_eval(gpt2_tok, tiny_gpt2_dir):
+    """`--model_args ...,device=cpu` with lm-eval's --device used to be `TypeError: got multiple values for keyword
+    argument 'device'`. The same value is fine; two different values are a one-line error."""
+    lm = ARMLM.create_from_arg_string(f"checkpoint={tiny_gpt2_dir},device=cpu", {"device": "cpu", "batch_size": 8})
+    assert lm.device == torch.device("cpu") and lm.rows_per_pass == 8
+    with pytest.raises(UserError, match="device is given twice"):
+        ARMLM.create_from_arg_string(f"checkpoint={tiny_gpt2_dir},device=cpu", {"device": "cuda:3"})
+    with pytest.raises(UserError, match="batch_size is given twice"):
+        ARMLM.create_from_arg_obj({"checkpoint": str(tiny_gpt2_dir), "batch_size": 4}, {"batch_size": 8})
+
+
+def test_bad_settings_fail_before_the_weights_are_read(monkeypatch, lit_checkpoints, shared_data):
+    """samples=0 / samples=-3 used to fail with KeyError '_rounds' after the model had loaded."""
+    import prime_eval.checkpoints as C
+
+    monkeypatch.setattr(C, "load_network", lambda *a, **k: pytest.fail("weights read before the settings check"))
+    base = f"checkpoint={lit_checkpoints / 'mdm.pth'},tokenizer={shared_data / 'tokenizers' / 'gpt2'}"
+    for bad, needle in (("samples=0", "samples=0: must be >= 1"), ("samples=-3", "samples=-3: must be >= 1"),
+                        ("confidence=2", "confidence=2"), ("greedy=sometimes", "greedy='sometimes'"),
+                        ("bogus=1", "unknown model argument(s) ['bogus']")):
+        with pytest.raises(UserError) as e:
+            MDMLM.create_from_arg_string(f"{base},{bad}", {"device": "cpu"})
+        assert needle in str(e.value) and "\n" not in str(e.value)

@@ -139,3 +139,121 @@ def test_sigkill_at_any_point_keeps_whole_batches(tmp_path):
         c.put_many("loglikelihood", [({"i": "after"}, {"ll": 1.0})])  # the killed file is writable again
     with ResultCache(tmp_path, ident8, rank=1) as c:
         c.put_many("loglikelihood", [({"i": "after1"}, {"ll": 1.0})])
+
+
+# -- a killed scoring run resumes with the default settings (issue 13 §2) --------------------------------------------
+class ByteTokenizer:
+    """Bytes as tokens (V = 257, EOS 256): a tiny vocabulary keeps a multi-chunk run fast on any CPU."""
+
+    bos_token, bos_token_id, eos_token, eos_token_id, name_or_path = None, None, "</s>", 256, "bytes"
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+    def __len__(self) -> int:
+        return 257
+
+
+def _requests():
+    """Multiple-choice documents (2-4 choices, adaptive) and one-request documents (fixed samples, is_greedy)."""
+    import random
+
+    from lm_eval.api.instance import Instance
+
+    rng = random.Random(0)
+    words = "the a cat dog sat ran on under mat table quickly slowly red blue".split()
+    out = []
+    for doc in range(14):
+        ctx = " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
+        for c in range(1 if doc % 5 == 4 else 2 + doc % 3):
+            cont = " " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 2)))
+            out.append(Instance("loglikelihood", {}, (ctx, cont), c, ("toy", doc, 1)))
+    return out
+
+
+class Killed(Exception):
+    pass
+
+
+def _score(tmp_path, cache: str, settings: dict, kill_after: int | None = None):
+    """Score the requests with a fresh adapter on `cache`; with kill_after, raise inside the forward pass that comes
+    after that many passes. Returns (adapter or None, rows of estimator passes, rows at the last commit)."""
+    from model_adapters import MDMLM
+    from prime_eval.networks.toy import TinyDenoiser
+
+    net = TinyDenoiser("mdm", 257, d=16, max_length=64, seed=3, dtype=torch.float32)
+    lm = MDMLM(model=net, tokenizer=ByteTokenizer(), cache_dir=str(tmp_path / cache), **settings)
+    seen = {"passes": 0, "rows": 0, "committed": 0}
+    forward, put = lm._forward, lm.cache.put_many
+
+    def counted_forward(rows_list):  # the estimator's passes (is_greedy passes go to the network directly)
+        out = forward(rows_list)
+        seen["rows"] += sum(int(r.logits_at.any(1).sum()) for r in rows_list)
+        return out
+
+    def counted_put(kind, items):
+        seen["committed"] = seen["rows"]
+        return put(kind, items)
+
+    def pre_hook(_m, _args):
+        seen["passes"] += 1
+        if kill_after is not None and seen["passes"] > kill_after:
+            raise Killed
+
+    lm._forward, lm.cache.put_many = counted_forward, counted_put
+    net.register_forward_pre_hook(pre_hook)
+    try:
+        lm.loglikelihood(_requests(), disable_tqdm=True)
+    except Killed:
+        return None, seen
+    return lm, seen
+
+
+@pytest.mark.parametrize("settings", [{}, {"adaptive": False}], ids=["defaults", "adaptive=false"])
+def test_killed_run_resumes_losing_at_most_one_chunk(tmp_path, settings):
+    """Kill at several points (an exception inside a forward pass, as a SIGKILL would stop it), rerun: the numbers
+    equal an uninterrupted run's, the rerun computes exactly what was not stored, and the work lost is at most one
+    chunk (chunk_rows forward rows of the estimator)."""
+    ref, seen = _score(tmp_path, "ref", settings)
+    total_rows = ref.counters.rows_computed
+    chunk_rows = ref.settings.resolved_chunk_rows()
+    assert ref.counters.chunks >= 4 and seen["rows"] > 3 * chunk_rows  # the default chunk bounds a real run
+    if not settings:
+        assert ref.adaptive and {r["stop"] for r in ref.stats if "stop" in r} >= {"settled"}
+    passes = seen["passes"]
+    for i, kill_after in enumerate(sorted({1, passes // 3, (2 * passes) // 3, passes - 1})):
+        dead, killed = _score(tmp_path, f"run{i}", settings, kill_after=kill_after)
+        assert dead is None
+        again, _ = _score(tmp_path, f"run{i}", settings)
+        assert again.stats == ref.stats  # bit for bit: values, stop reasons, rounds, is_greedy
+        c = again.counters
+        assert c.rows_computed + c.rows_reused == total_rows  # only what was not stored is computed
+        lost = killed["rows"] - killed["committed"]
+        assert 0 <= lost <= chunk_rows, (kill_after, lost)
+        assert c.rows_reused >= killed["committed"]  # every committed row is reused (and its is_greedy passes)
+        if killed["committed"]:
+            assert c.hits + c.rounds_reused > 0
+
+
+def test_other_settings_never_read_a_runs_entries(tmp_path):
+    """The cache key holds everything the numbers depend on: changing any of these settings gives another run."""
+    ref, _ = _score(tmp_path, "c", {})
+    assert ref.counters.hits == 0
+    same, _ = _score(tmp_path, "c", {})
+    assert same.counters.hits == len(same.stats) and same.counters.rows_computed == 0 and same.stats == ref.stats
+    from model_adapters import MDMLM
+    from prime_eval.networks.toy import TinyDenoiser
+
+    net = TinyDenoiser("mdm", 257, d=16, max_length=64, seed=3, dtype=torch.float32)
+    runs = set()
+    for change in ({}, {"round_samples": 8}, {"confidence": 0.95}, {"futility_after": 32}, {"target_se": 0.5},
+                   {"samples": 64}, {"seed": 1}, {"greedy": "true"}, {"estimator": "mc"}, {"pack": "length"},
+                   {"adaptive": "false"}, {"eps": 0.01}):
+        lm = MDMLM(model=net, tokenizer=ByteTokenizer(), cache_dir=str(tmp_path / "c"), **change)
+        runs.add(lm.cache.run)
+    assert ref.cache.run in runs and len(runs) == 12
+    net2 = TinyDenoiser("mdm", 257, d=16, max_length=64, seed=4, dtype=torch.float32)  # other weights
+    assert MDMLM(model=net2, tokenizer=ByteTokenizer(), cache_dir=str(tmp_path / "c")).cache.run not in runs

@@ -133,15 +133,21 @@ def _kill_when_cached(cmd: list[str], env, cache: Path, at_least: int) -> int:
 def test_score_killed_and_resumed(env, reference):
     d = env["dir"]
     cache, out = d / "score_cache", d / "resumed_score"
-    # one request per chunk (max_logits_mb=1): a commit after each request
+    # small chunks (8 forward rows: one document's round) so that the SIGKILL lands mid-run; adaptive sampling is on
+    # (the default): each document's result is stored when it stops (tests/test_cache.py kills runs with the
+    # default chunk size at several points)
     cmd = [sys.executable, "-m", "prime_eval.cli", *score_args(env, out, "--cache-dir", str(cache),
-                                                                margs_extra=",max_logits_mb=1")]
+                                                                margs_extra=",chunk_rows=8")]
     stored = _kill_when_cached(cmd, env, cache, 5)
     assert not list(out.glob("*/results_*.json"))  # nothing half-written: no results yet
-    assert cli_main(score_args(env, out, "--cache-dir", str(cache), margs_extra=",max_logits_mb=1")) == 0
+    assert cli_main(score_args(env, out, "--cache-dir", str(cache), margs_extra=",chunk_rows=8")) == 0
     got = score_outputs(out)
     assert got["info"]["cache"]["hits"] == stored  # every stored request was reused ...
     assert got["info"]["cache"]["computed"] == N_REQUESTS - stored  # ... and only the others were computed
+    c = got["info"]["cache"]
+    rows = sum(r["num_forward_rows"] + r["greedy_forward_rows"] for t in got["stats"].values() for r in t)
+    assert c["rows_computed"] + c["rows_reused"] == rows and c["rows_reused"] > 0
+    assert got["info"]["adaptive"] is not None
     ref = reference["score"]
     assert got["stats"] == ref["stats"] and got["resps"] == ref["resps"] and got["results"] == ref["results"]
     assert not list(out.glob(".prime-eval-staging-*"))
