@@ -82,6 +82,12 @@ class PrimeEvalLM(TemplateLM):
         self.cache = self._open_cache() if s.cache_dir else None
 
     @classmethod
+    def check_model_args(cls, args: dict) -> None:
+        """`prime_eval.lm_eval_run`'s hook: every setting checked before any weight is read (UserError)."""
+        Settings.parse({k: v for k, v in args.items() if k != "model"}, family=cls.family, command="score",
+                       estimators=ESTIMATORS[cls.family])
+
+    @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
         """lm-eval's constructor from 'k=v,k=v'; a setting given both there and by lm-eval's CLI (--device,
         --batch_size) must agree (lm-eval itself fails with `got multiple values for keyword argument`)."""

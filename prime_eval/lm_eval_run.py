@@ -215,16 +215,11 @@ def model_spec(name: str, model_args: str = "", *, batch_size: Any = None, max_b
     """
     from lm_eval.utils import simple_parse_args_string
 
+    from prime_eval.settings import merge_lm_eval_args
+
     cls = model_class(name)
-    kwargs = simple_parse_args_string(model_args) if model_args else {}
-    flags = {"batch_size": batch_size, "max_batch_size": max_batch_size, "device": device}
-    for key, value in flags.items():
-        if value is None:
-            continue
-        if key in kwargs and str(kwargs[key]) != str(value):
-            raise UserError(f"--{key} {value} and the model argument {key}={kwargs[key]} disagree: give the "
-                            f"{key.replace('_', ' ')} once")
-        kwargs[key] = value
+    kwargs = merge_lm_eval_args(simple_parse_args_string(model_args) if model_args else {},
+                                {"batch_size": batch_size, "max_batch_size": max_batch_size, "device": device})
     if "device" not in kwargs and default_device is not None:
         kwargs["device"] = default_device
     check = getattr(cls, "check_model_args", None)

@@ -206,8 +206,8 @@ def test_malformed_data_file_names_file_and_line(files, tmp_path, capsys, line, 
 def test_device_given_twice(files, tmp_path, capsys):
     """`device` in --model_args alone is used (lm-eval's rule); given both ways and different, it is an error."""
     argv = score(files, "mdm", mdm_args(files, "missing.pth", device="cpu"), "--device", "meta")
-    assert_user_error(*run(argv, capsys), "--device meta and the model argument device=cpu disagree",
-                      "give the device once")
+    assert_user_error(*run(argv, capsys), "device is given twice, as --device meta and in model_args (device=cpu)",
+                      "give it in one place")
     out = tmp_path / "runs"
     rc, err = run(score(files, "mdm", mdm_args(files, samples=2, device="cpu"), "-o", str(out)), capsys)
     assert rc == 0, err

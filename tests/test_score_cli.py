@@ -178,7 +178,7 @@ def test_model_spec_checks_arguments_without_building(monkeypatch):
     spec = R.model_spec("prime_eval_test_hook", "checkpoint=a.pt,batch_size=4", batch_size="4", device=None,
                         default_device="cpu")
     assert spec.kwargs == {"checkpoint": "a.pt", "batch_size": "4", "device": "cpu"}
-    with pytest.raises(UserError, match="--batch_size 8 and the model argument batch_size=4 disagree"):
+    with pytest.raises(UserError, match=r"batch_size is given twice, as --batch_size 8 and in model_args \(batch_size=4\)"):
         R.model_spec("prime_eval_test_hook", "batch_size=4", batch_size="8")
     # the settings hook sees the merged arguments before any weights are read
     cls = spec.cls

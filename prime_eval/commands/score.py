@@ -1,6 +1,6 @@
 """`prime-eval score`: lm-eval zero-shot scores for ARM, MDM and MDM-Prime models (and any lm-eval model).
 
-    prime-eval score --model prime --model_args checkpoint=ckpt.pt,num_samples=128 \\
+    prime-eval score --model prime --model_args checkpoint=ckpt.pt,samples=128 \\
         --tasks commonsense --data-dir ../shared/data --output_path runs/ --log_samples
 
 It registers the adapters (`model_adapters`: lm-eval names `arm`, `mdm`, `prime`) and the task folder (`tasks/`),
@@ -39,13 +39,16 @@ _STOCHASTIC_BY_DEFAULT = {"mdm", "prime"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from prime_eval.settings import help_text
+
     p = subparsers.add_parser(
         "score",
         help="lm-eval zero-shot scores (commonsense suite etc.), offline with --data-dir",
         description="Run lm-evaluation-harness tasks on an ARM, MDM or MDM-Prime model (adapters `arm`, `mdm`, "
         "`prime`) or any lm-eval model (e.g. `hf`). Writes lm-eval's results JSON and samples.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
+        epilog="model_args of arm, mdm, prime (prime_eval.settings; docs/adapters.md):\n" + help_text("score") + "\n\n"
+        "examples:\n"
         "  prime-eval score --model arm --model_args checkpoint=gpt2.pt --tasks commonsense --data-dir ../shared/data\n"
         "  prime-eval score --model hf --model_args pretrained=gpt2 --tasks piqa,arc_easy --limit 50 -o runs/\n"
         "groups: commonsense (10 tasks), prime_v2_suite (MDM-Prime-v2's 8 benchmarks); see docs/tasks.md",
