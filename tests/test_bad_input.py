@@ -101,6 +101,51 @@ def test_tokenizer_vocabulary_does_not_match(files, capsys):
     assert_user_error(*run(ppl, capsys), "has 32000 tokens")
 
 
+def test_folder_with_config_and_no_weights(files, tmp_path, capsys):
+    """A transformers folder whose weights were never downloaded: say so (not "Hugging Face LMs are ARMs")."""
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 50257}))
+    margs = f"checkpoint={folder},tokenizer={files['gpt2']}"
+    assert_user_error(*run(score(files, "mdm", margs), capsys), str(folder), "no weight files")
+
+
+# -- settings (one vocabulary, checked before any weight is read) ---------------------------------------------------
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_bad_sample_count_before_the_weights(files, capsys, value):
+    """samples=0 used to be `KeyError: '_rounds'` after the model had loaded: now the setting is named first (the
+    checkpoint does not even exist, so reaching the loader would say "not found")."""
+    margs = mdm_args(files, "missing.pth", samples=value)
+    assert_user_error(*run(score(files, "mdm", margs), capsys), f"samples={value}", "must be >= 1")
+    ppl = ["ppl", "--model", "mdm", "--model_args", margs, "--files", str(files["dir"] / "latin1.txt")]
+    assert_user_error(*run(ppl, capsys), f"samples={value}", "must be >= 1")
+
+
+def test_unknown_setting_lists_the_known_ones(files, capsys):
+    assert_user_error(*run(score(files, "mdm", mdm_args(files, "missing.pth", smaples=4)), capsys),
+                      "smaples", "samples")
+
+
+def test_ppl_takes_the_score_vocabulary(files, capsys):
+    """`samples=` in --model_args means what `--samples` means (it used to be rejected as unknown by ppl)."""
+    wiki = str(files["data"] / "wikitext2" / "test.txt")
+    base = ["ppl", "--model", "mdm", "--files", wiki, "--L", "16", "--max-tokens", "32", "--no-progress"]
+    rc, err = run(base + ["--model_args", mdm_args(files, samples=2)], capsys)
+    assert rc == 0, err
+    assert_user_error(*run(base + ["--model_args", mdm_args(files, samples=2), "--samples", "3"], capsys),
+                      "samples is given twice")
+
+
+def test_binary_file_is_called_binary(files, tmp_path, capsys):
+    """A binary file used to get the advice `--encoding latin-1`, which would score garbage."""
+    blob = tmp_path / "model.bin"
+    blob.write_bytes(bytes(range(256)) * 8)
+    ppl = ["ppl", "--model", "mdm", "--model_args", mdm_args(files), "--files", str(blob)]
+    rc, err = run(ppl, capsys)
+    assert_user_error(rc, err, str(blob), "binary")
+    assert "latin-1" not in err
+
+
 # -- requests -------------------------------------------------------------------------------------------------------
 def test_empty_continuation_and_overlong_continuation(files):
     from lm_eval.api.instance import Instance
