@@ -171,6 +171,17 @@ def demo_times() -> str:
     return f"{_duration(cold)} cold (models trained), {_duration(warm)} with the models cached"
 
 
+def _bench(script: str, *args: str) -> str:
+    """The printed output of a benchmark script, as a code block."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PRIME_EVAL_DATA": str(DATA), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    r = subprocess.run([_python(), str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                       env=env, cwd=ROOT)
+    if r.returncode != 0:
+        raise RuntimeError(f"benchmarks/{script} {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return "\n```\n" + r.stdout.rstrip() + "\n```\n"
+
+
 TIME_ROW = r"│ time .*│\n"
 
 QUOTES = {q.name: q for q in [
@@ -178,6 +189,12 @@ QUOTES = {q.name: q for q in [
     Quote("audit-rows", ("README.md",), "prime-eval audit --fast --json", audit_count),
     Quote("audit-times", ("README.md",), "prime-eval audit; prime-eval audit --fast", audit_times, measured=True),
     Quote("demo-times", ("README.md",), "prime-eval demo (cold, then cached)", demo_times, measured=True),
+    Quote("ppl-memory-logits", ("docs/perplexity.md",), "python benchmarks/ppl_memory.py",
+          lambda: _bench("ppl_memory.py"), measured=True),
+    Quote("ppl-memory-corpus", ("docs/perplexity.md",), "python benchmarks/ppl_memory.py --streaming",
+          lambda: _bench("ppl_memory.py", "--streaming"), measured=True),
+    Quote("memory-score-ppl", ("docs/scale-out.md",), "python benchmarks/memory.py (needs ~6 GiB RAM, ~9 GiB disk)",
+          lambda: _bench("memory.py"), measured=True),
     Quote("ppl-sentence", ("README.md",), "the command in docs/perplexity.md (Measured example)", ppl_sentence),
     Quote("ppl-command", ("docs/perplexity.md",), "", ppl_command),
     Quote("ppl-table", ("docs/perplexity.md",), "the command in docs/perplexity.md (Measured example)", ppl_table,
