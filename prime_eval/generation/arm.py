@@ -1,0 +1,136 @@
+"""Autoregressive decoding with a key/value cache, batched across requests (lm-eval `hf`'s `generate_until`).
+
+Per request: the prompt runs once (prefill), then one token per forward pass over the cache:
+
+    x_{n+1} ~ softmax(logits(x_{≤n}) / τ)   (τ = 0: argmax; `generation.sampling`, one uniform per token from the
+                                             request's own generator)
+
+until a stop token (EOS; not part of the answer), the caller's stop check (`should_stop(i, tokens)`, e.g. a stop
+string in the decoded text) or `max_new_tokens`. Requests share passes only with requests whose prompt has the same
+padded length: each prompt is left-padded to the next multiple of `bucket` tokens (its padding masked, positions
+counted from its first real token; `prime_eval.networks.kv_cache`), so every shape of a request's computation
+depends on the request alone and its tokens do not depend on the batch, the order or the number of processes
+(on CPU; `pack="request"` on GPUs runs each request alone). Networks without a cache (`supports_kv_cache`) run the
+whole sequence each step, one request at a time.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from prime_eval.estimators.rows import bucket_length
+from prime_eval.generation.request import GenRequest, Generation
+from prime_eval.generation.sampling import sample
+from prime_eval.networks.kv_cache import supports_kv_cache
+
+
+def generate_arm(net, requests: Sequence[GenRequest], *, rows_per_pass: int = 64, bucket: int | None = 32,
+                 pack: str = "bucket", should_stop: Callable[[int, list[int]], bool] | None = None,
+                 on_pass: Callable[[int], None] | None = None) -> list[Generation]:
+    """One `Generation` per request (module docstring). pack: "bucket" (prompts padded to a multiple of `bucket`),
+    "length" (passes of one prompt length), "request" (each request alone). on_pass(rows): called after every pass."""
+    out: list[Generation | None] = [None] * len(requests)
+    todo = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
+    for i in set(range(len(requests))) - set(todo):
+        out[i] = Generation([], 0, "length")
+    if not supports_kv_cache(net):
+        for i in todo:
+            out[i] = _decode_uncached(net, requests[i], lambda toks, i=i: should_stop is not None
+                                      and should_stop(i, toks), on_pass)
+        return out  # type: ignore[return-value]
+    width = bucket if pack == "bucket" else None
+    groups: dict[int, list[int]] = {}
+    for i in todo:
+        groups.setdefault(bucket_length(len(requests[i].prompt), width), []).append(i)
+    per_pass = 1 if pack == "request" else max(1, rows_per_pass)
+    for length in sorted(groups, reverse=True):
+        idx = groups[length]
+        for s in range(0, len(idx), per_pass):
+            rows = idx[s:s + per_pass]
+            for i, g in zip(rows, _decode(net, [requests[i] for i in rows], length, rows, should_stop, on_pass)):
+                out[i] = g
+    return out  # type: ignore[return-value]
+
+
+def _device(net) -> torch.device:
+    return next(iter(net.parameters()), torch.empty(0)).device
+
+
+def _next_tokens(logits: torch.Tensor, reqs: Sequence[GenRequest], gens: Sequence[torch.Generator]) -> list[int]:
+    """One token per row of logits (n, V) for its request, with a uniform from the request's generator."""
+    toks = []
+    for k, (r, g) in enumerate(zip(reqs, gens)):
+        u = None if r.temperature == 0 else torch.rand(1, generator=g, dtype=torch.float64)
+        toks.append(int(sample(logits[k:k + 1], u, r.temperature, r.top_k, r.top_p)[0]))
+    return toks
+
+
+@torch.no_grad()
+def _decode(net, reqs: list[GenRequest], length: int, ids: list[int], should_stop, on_pass) -> list[Generation]:
+    """Requests whose prompts are left-padded to `length` tokens, decoded together."""
+    dev, n = _device(net), len(reqs)
+    idx = torch.zeros(n, length, dtype=torch.long)  # (n, P) padding id 0, masked
+    valid = torch.zeros(n, length, dtype=torch.bool)
+    for k, r in enumerate(reqs):
+        idx[k, length - len(r.prompt):] = torch.tensor(r.prompt, dtype=torch.long)
+        valid[k, length - len(r.prompt):] = True
+    at = torch.zeros(n, length, dtype=torch.bool)
+    at[:, -1] = True
+    logits, cache = net.forward_cached(idx.to(dev), None, valid=valid.to(dev), logits_at=at.to(dev))  # (n, V)
+    if on_pass:
+        on_pass(n)
+    gens = [r.generator() for r in reqs]
+    done = [Generation([], 1, "length") for _ in reqs]
+    active = list(range(n))
+    while active:
+        nxt = _next_tokens(logits, [reqs[a] for a in active], [gens[a] for a in active])
+        keep = []
+        for k, (a, t) in enumerate(zip(active, nxt)):
+            g, r = done[a], reqs[a]
+            if t in r.stop_ids:
+                g.stop = "eos"
+                continue
+            g.tokens.append(t)
+            if should_stop is not None and should_stop(ids[a], g.tokens):
+                g.stop = "stop"
+            elif len(g.tokens) < r.max_new_tokens:
+                keep.append(k)
+        if not keep:
+            break
+        if len(keep) < len(active):
+            cache = cache.select(torch.tensor(keep))
+        active = [active[k] for k in keep]
+        step = torch.tensor([[done[a].tokens[-1]] for a in active], device=dev)  # (m, 1)
+        logits, cache = net.forward_cached(step, cache)
+        logits = logits[:, 0]  # (m, V)
+        for a in active:
+            done[a].forward_passes += 1
+        if on_pass:
+            on_pass(len(active))
+    return done
+
+
+@torch.no_grad()
+def _decode_uncached(net, r: GenRequest, should_stop, on_pass) -> Generation:
+    """The whole sequence through the network at every step (networks without a key/value cache)."""
+    dev = _device(net)
+    seq, g, out = list(r.prompt), r.generator(), Generation([], 0, "length")
+    while len(out.tokens) < r.max_new_tokens:
+        window = torch.tensor([seq[-getattr(net, "max_length", len(seq)):]], device=dev)  # (1, L)
+        at = torch.zeros_like(window, dtype=torch.bool)
+        at[0, -1] = True
+        logits = net(window, logits_at=at)  # (1, V)
+        out.forward_passes += 1
+        if on_pass:
+            on_pass(1)
+        (t,) = _next_tokens(logits, [r], [g])
+        if t in r.stop_ids:
+            out.stop = "eos"
+            break
+        out.tokens.append(t)
+        seq.append(t)
+        if should_stop(out.tokens):
+            out.stop = "stop"
+            break
+    return out
