@@ -309,6 +309,7 @@ class PrimeEvalLM(TemplateLM):
         bar = tqdm(total=sum(self._passes_at_most(it) for it in items), unit="row", disable=disable_tqdm
                    or self.rank != 0 or not items, desc=f"{self.family} generate_until (forward rows; total: at most)")
         gens = self._generate(items, bar.update)
+        bar.total = bar.n  # the rows actually run
         bar.close()
         out = []
         for it, g in zip(items, gens):
@@ -329,7 +330,12 @@ class PrimeEvalLM(TemplateLM):
         return max_gen_toks if self.family == "arm" or g is None else min(g, max_gen_toks)
 
     def _passes_at_most(self, item) -> int:
-        return max(1, item.request.max_new_tokens)
+        """The most forward rows a request can take (the progress bar's total): ARM one per token; diffusion one per
+        step (two with CFG)."""
+        n = self._answer_tokens(item.request.max_new_tokens)
+        if self.family == "arm":
+            return max(1, n)
+        return (self.settings.steps or n) * (2 if self.family == "mdm" and self.settings.cfg else 1)
 
     def _generate(self, items: list, on_pass) -> list:
         """The family's sampler on the items' `GenRequest`s (`prime_eval.generation`): one Generation each."""

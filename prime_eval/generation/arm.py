@@ -21,7 +21,7 @@ import torch
 
 from prime_eval.estimators.rows import bucket_length
 from prime_eval.generation.request import GenRequest, Generation
-from prime_eval.generation.sampling import sample
+from prime_eval.generation.steps import draw_many
 from prime_eval.networks.kv_cache import supports_kv_cache
 
 
@@ -59,11 +59,9 @@ def _device(net) -> torch.device:
 
 def _next_tokens(logits: torch.Tensor, reqs: Sequence[GenRequest], gens: Sequence[torch.Generator]) -> list[int]:
     """One token per row of logits (n, V) for its request, with a uniform from the request's generator."""
-    toks = []
-    for k, (r, g) in enumerate(zip(reqs, gens)):
-        u = None if r.temperature == 0 else torch.rand(1, generator=g, dtype=torch.float64)
-        toks.append(int(sample(logits[k:k + 1], u, r.temperature, r.top_k, r.top_p)[0]))
-    return toks
+    prepared = [(logits[k:k + 1], None if r.temperature == 0 else torch.rand(1, generator=g, dtype=torch.float64), r)
+                for k, (r, g) in enumerate(zip(reqs, gens))]
+    return [int(x0[0]) for x0, _ in draw_many(prepared, [False] * len(prepared))]
 
 
 @torch.no_grad()
