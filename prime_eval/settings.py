@@ -286,6 +286,12 @@ def _resolve(s: dict, given: set, family: str, command: str, estimators) -> dict
     if s.get("adaptive") and not adaptive_applies(est):
         raise UserError(f"adaptive=true needs a Monte Carlo mean estimator, not {est}; drop adaptive or choose "
                         "mc or exact_count")
+    if s.get("gen_length") and s.get("steps"):  # the blocks of a known answer length (else checked per request)
+        block = min(s.get("block_length") or s["gen_length"], s["gen_length"])
+        blocks = -(-s["gen_length"] // block)
+        if s["steps"] % blocks:
+            raise UserError(f"steps={s['steps']} is not a multiple of the {blocks} blocks of block_length={block} in "
+                            f"gen_length={s['gen_length']}; choose steps as a multiple of {blocks}")
     if s.get("T") == 0:
         s["T"] = None  # 0 = continuous time (ppl's --T 0)
     perm = s.get("permutation")

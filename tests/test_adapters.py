@@ -197,7 +197,7 @@ def test_errors(gpt2_tok):
     lm = MDMLM(model=net, tokenizer=gpt2_tok, samples=2)
     with pytest.raises(UserError, match="empty continuation"):
         lm.loglikelihood([Instance("loglikelihood", {}, ("Some context", ""), 0, ("t", 3, 0))])
-    with pytest.raises(UserError, match="not supported yet"):
+    with pytest.raises(UserError, match="max_gen_toks=256 leaves no room for the prompt in max_length=64"):
         lm.generate_until([Instance("generate_until", {}, ("a", {"until": ["\n"]}), 0, ("t", 0, 1))])
     with pytest.raises(UserError, match="unknown model argument"):
         MDMLM(model=net, tokenizer=gpt2_tok, temperature=0.5)
