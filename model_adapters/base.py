@@ -409,11 +409,12 @@ class PrimeEvalLM(TemplateLM):
         return {"prime_eval": info}
 
     def finalize_run(self, output_dir, date_id: str) -> list[Path]:
-        """prime-eval score's post-run hook: write `stats_<task>_<date_id>.jsonl` next to lm-eval's samples."""
-        by_task: dict[str, list[dict]] = {}
+        """prime-eval score's post-run hook: write `stats_<task>_<date_id>.jsonl` (log-likelihood requests) and
+        `generations_<task>_<date_id>.jsonl` (generate_until requests) next to lm-eval's samples."""
+        by_file: dict[str, list[dict]] = {}
         for row in self.stats:
-            by_task.setdefault(row["task"] or "unknown", []).append(row)
+            kind = "generations" if row.get("kind") == "generate_until" else "stats"
+            by_file.setdefault(f"{kind}_{row['task'] or 'unknown'}_{date_id}.jsonl", []).append(row)
         from prime_eval.io import write_jsonl
 
-        return [write_jsonl(Path(output_dir) / f"stats_{task}_{date_id}.jsonl", rows)  # atomic
-                for task, rows in by_task.items()]
+        return [write_jsonl(Path(output_dir) / name, rows) for name, rows in by_file.items()]  # atomic

@@ -61,9 +61,12 @@ def test_score_runs_a_generative_task(family, checkpoints, shared_data, tmp_path
     (samples,) = out.rglob("samples_boolq-seq2seq_*.jsonl")
     answers = [json.loads(line)["resps"][0][0] for line in samples.read_text().splitlines()]
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
-    (stats,) = out.rglob("stats_boolq-seq2seq_*.jsonl")
+    assert not list(out.rglob("stats_boolq-seq2seq_*.jsonl"))  # the report reads stats_ files as log-likelihoods
+    (stats,) = out.rglob("generations_boolq-seq2seq_*.jsonl")
     rows = [json.loads(line) for line in stats.read_text().splitlines()]
     assert [r["doc_id"] for r in rows] == [0, 1, 2] and all(r["kind"] == "generate_until" for r in rows)
     assert all(r["generated_tokens"] <= 4 and r["forward_passes"] >= 1 for r in rows)
     if family != "arm":  # a fixed-length answer: 4 tokens, at most `steps` passes
         assert all(r["generated_tokens"] == 4 and r["forward_passes"] <= 4 for r in rows)
+    if family == "arm":  # the report builds from a run with a generative task
+        assert cli_main(["report", str(out), "--out", str(tmp_path / "report"), "--no-plots", "--quiet"]) == 0
