@@ -1,18 +1,21 @@
 """ARM scoring that runs each shared context once (issue 17): the choices of a multiple-choice document share their
-context, so its keys and values are computed once and every continuation is scored on top of them.
+context, so its keys and values are computed once and every continuation attends to them.
 
 An ARM request's row is x[:-1] with logits at the positions C-1 … T-1 that predict its continuation (x = context C
-tokens + continuation n tokens, T = C + n - 1). Here:
+tokens + continuation n tokens, T = C + n - 1). The requests of a chunk that share a context become ONE row
+(`prime_eval.networks.kv_cache.shared_prefix_rows`): the context once, then the inputs x[C:T] of each continuation,
+each attending to the context's keys and values and to its own earlier tokens only, at the positions it has in its
+own sequence. The logits at the context's last token predict every choice's first token; those at a continuation's
+tokens predict the rest. Compared with lm-eval `hf` (one row per choice, the context recomputed each time) the pass
+holds C + Σ n_j tokens instead of Σ (C + n_j), and one row per document instead of one per choice; the logits equal
+the full rows' up to float rounding (a different summation shape).
 
-    prefill       each distinct context x[:C] once: its key/value cache and the logits at its last position
-                  (they predict the first continuation token, the same for every choice);
-    continuation  x[C:T] (n - 1 tokens) on a copy of its context's cache: the logits predicting tokens 2 … n.
-
-The logits equal those of the full rows up to float rounding (a different summation shape). Batch invariance as in
-`forward_rows_batch_invariant`: a context is left-padded to the next multiple of `bucket` tokens and a continuation
-right-padded to its own bucket (pack="bucket"; "length": exact lengths; "request": every context and continuation in
-passes of its own), so each row's computation has shapes that depend on that row alone and passes are formed of
-rows of equal padded shape: a request's numbers do not depend on what else is scored with it.
+Packing (`pack`): `bucket` (default) — documents longest first, `rows_per_pass` per pass, right-padded to the
+longest; `length` — passes of rows of one length (no padding); `request` — no sharing: each request's own row in
+passes of its own (`forward_rows_batch_invariant`), so a request's numbers cannot depend on what else is scored.
+With `bucket` and `length` a request's log-likelihood depends in the last bits (~1e-7 relative) on the rows it
+shares passes with: CPU matrix multiplications round a row differently for different numbers of rows, and padding
+changes the attention's summation.
 """
 from __future__ import annotations
 
@@ -20,11 +23,12 @@ from collections.abc import Sequence
 
 import torch
 
-from prime_eval.estimators.rows import PACKING, Rows, bucket_length, forward_rows_batch_invariant
 from prime_eval.errors import UserError
+from prime_eval.estimators.rows import PACKING, Rows, forward_rows_batch_invariant
+from prime_eval.networks.kv_cache import shared_prefix_rows
 
 
-def _split(rows: Rows) -> tuple[tuple[int, ...], torch.Tensor] | None:
+def _split(rows: Rows) -> tuple[tuple[int, ...], list[int]] | None:
     """(context ids x[:C], continuation inputs x[C:T]) of a one-row ARM Rows whose logits are a suffix; else None."""
     if rows.num_rows != 1:
         return None
@@ -34,8 +38,8 @@ def _split(rows: Rows) -> tuple[tuple[int, ...], torch.Tensor] | None:
     if where.numel() == 0 or at.shape[0] != T or int(where[-1]) != T - 1 or where.numel() != T - int(where[0]):
         return None
     C = int(where[0]) + 1
-    ids = rows.inputs[0]
-    return tuple(ids[:C].tolist()), ids[C:]
+    ids = rows.inputs[0].tolist()
+    return tuple(ids[:C]), ids[C:]
 
 
 def forward_rows_shared_context(net, rows_list: Sequence[Rows], rows_per_pass: int = 64, *, pack: str = "bucket",
@@ -44,61 +48,49 @@ def forward_rows_shared_context(net, rows_list: Sequence[Rows], rows_per_pass: i
     context run once (module docstring). Rows of another shape go through `forward_rows_batch_invariant`."""
     if pack not in PACKING:
         raise UserError(f"pack={pack!r}: choose one of {', '.join(PACKING)}")
-    width = None if pack == "length" else bucket
-    per_pass = 1 if pack == "request" else max(1, rows_per_pass)
     out: list[torch.Tensor | None] = [None] * len(rows_list)
-    contexts: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+    docs: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
     other = []
     for r, rows in enumerate(rows_list):
-        parts = _split(rows)
+        parts = None if pack == "request" else _split(rows)
         if parts is None:
             other.append(r)
         else:
-            contexts.setdefault(parts[0], []).append((r, parts[1]))
+            docs.setdefault(parts[0], []).append((r, parts[1]))
     if other:
         for r, logits in zip(other, forward_rows_batch_invariant(net, [rows_list[r] for r in other], rows_per_pass,
                                                                  pack=pack, bucket=bucket)):
             out[r] = logits
-    groups: dict[int, list[tuple[int, ...]]] = {}
-    for ctx in contexts:
-        groups.setdefault(bucket_length(len(ctx), width), []).append(ctx)
+    length = {c: len(c) + sum(len(x) for _, x in conts) for c, conts in docs.items()}
+    order = sorted(docs, key=lambda c: -length[c])  # longest first (stable)
+    if pack == "length":
+        by_len: dict[int, list] = {}
+        for c in order:
+            by_len.setdefault(length[c], []).append(c)
+        groups = [g[s:s + rows_per_pass] for g in by_len.values() for s in range(0, len(g), max(1, rows_per_pass))]
+    else:
+        groups = [order[s:s + rows_per_pass] for s in range(0, len(order), max(1, rows_per_pass))]
     dev = next(iter(net.parameters()), torch.empty(0)).device
-    for P in sorted(groups, reverse=True):
-        ctxs = groups[P]
-        for s in range(0, len(ctxs), per_pass):
-            _context_pass(net, ctxs[s:s + per_pass], P, contexts, out, per_pass, width, dev)
+    for group in groups:
+        _pass(net, [(list(c), [x for _, x in docs[c]]) for c in group], [docs[c] for c in group], out, dev)
     return out  # type: ignore[return-value]
 
 
 @torch.no_grad()
-def _context_pass(net, ctxs, P: int, contexts: dict, out: list, per_pass: int, width, dev) -> None:
-    """Prefill `ctxs` (left-padded to P), then every continuation of them in passes of equal padded length."""
-    m = len(ctxs)
-    idx = torch.zeros(m, P, dtype=torch.long)
-    valid = torch.zeros(m, P, dtype=torch.bool)
-    for k, ctx in enumerate(ctxs):
-        idx[k, P - len(ctx):] = torch.tensor(ctx, dtype=torch.long)
-        valid[k, P - len(ctx):] = True
-    at = torch.zeros(m, P, dtype=torch.bool)
-    at[:, -1] = True
-    first, cache = net.forward_cached(idx.to(dev), None, valid=valid.to(dev), logits_at=at.to(dev))  # (m, V)
-    conts: dict[int, list[tuple[int, int, torch.Tensor]]] = {}  # padded length -> [(request, context row, inputs)]
-    for k, ctx in enumerate(ctxs):
-        for r, cont in contexts[ctx]:
-            if cont.numel() == 0:
-                out[r] = first[k:k + 1]
-            else:
-                conts.setdefault(bucket_length(cont.numel(), width), []).append((r, k, cont))
-    for Lc in sorted(conts, reverse=True):
-        batch = conts[Lc]
-        for s in range(0, len(batch), per_pass):
-            part = batch[s:s + per_pass]
-            x = torch.zeros(len(part), Lc, dtype=torch.long)
-            ok = torch.zeros(len(part), Lc, dtype=torch.bool)
-            for j, (_, _, cont) in enumerate(part):
-                x[j, :cont.numel()] = cont
-                ok[j, :cont.numel()] = True
-            sub = cache.select(torch.tensor([k for _, k, _ in part]))
-            logits, _ = net.forward_cached(x.to(dev), sub, valid=ok.to(dev), logits_at=ok.to(dev))  # (N, V)
-            for (r, k, cont), piece in zip(part, torch.split(logits, ok.sum(1).tolist())):
-                out[r] = torch.cat([first[k:k + 1], piece])
+def _pass(net, rows: list, owners: list, out: list, dev) -> None:
+    """One forward pass over shared-prefix rows; each request gets its context's last logits and its own."""
+    idx, valid, pos, mask, spans = shared_prefix_rows(rows)
+    at = torch.zeros_like(valid)
+    for b, parts in enumerate(spans):
+        start, n = parts[0]
+        at[b, start + n - 1] = True  # the context's last token
+        for s, m in parts[1:]:
+            at[b, s:s + m] = True
+    logits, _ = net.forward_cached(idx.to(dev), None, valid=valid.to(dev), logits_at=at.to(dev),
+                                   explicit=(pos.to(dev), mask.to(dev)))  # (N, V) row-major
+    pieces = torch.split(logits, at.sum(1).tolist())
+    for piece, parts, reqs in zip(pieces, spans, owners):
+        first, at_ = piece[:1], 1
+        for (_, m), (r, _) in zip(parts[1:], reqs):
+            out[r] = torch.cat([first, piece[at_:at_ + m]])
+            at_ += m

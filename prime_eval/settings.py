@@ -187,8 +187,9 @@ class Settings:
                                      "results of a chunk are stored together, so a killed run loses at most "
                                      "one chunk", check=_at_least(1))
     max_logits_mb: float = setting(2048, "memory cap on the logits of one chunk (MB)", check=_positive)
-    pack: str = setting("bucket", "rows sharing a pass: bucket (padded to a multiple of 32 tokens), length (one "
-                        "length), request (each request alone; for GPUs)", choices=PACKING)
+    pack: str = setting("bucket", "rows sharing a pass: bucket (padded to a multiple of 32 tokens; ARM: one row "
+                        "per context, longest first, padded to the longest), length (one length), request (each "
+                        "request alone: the same bits whatever the batch; for GPUs)", choices=PACKING)
     max_length: int | None = setting(None, "token window (default: the network's); longer inputs are "
                                      "left-truncated and counted", check=_at_least(2))
     add_bos: bool | None = setting(None, "auto (what the tokenizer does by default), true or false")

@@ -11,7 +11,7 @@ import inspect
 import torch
 import torch.nn as nn
 
-from prime_eval.networks.kv_cache import KVCache, extend_layout
+from prime_eval.networks.kv_cache import KVCache, layout
 
 
 class HFCausalLM(nn.Module):
@@ -82,22 +82,28 @@ class HFCausalLM(nn.Module):
 
     @torch.no_grad()
     def forward_cached(self, idx: torch.Tensor, cache: KVCache | None = None, *, valid: torch.Tensor | None = None,
-                       logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+                       logits_at: torch.Tensor | None = None, explicit=None) -> tuple[torch.Tensor, KVCache]:
         """New tokens idx (B, L) after the cached ones -> (logits as `forward`, the extended cache), through the
         model's `past_key_values` (a `DynamicCache` rebuilt from our per-layer tensors), `attention_mask` = the
-        slots' validity and `position_ids` = the tokens' positions (`prime_eval.networks.kv_cache`)."""
+        slots' validity and `position_ids` = the tokens' positions (`prime_eval.networks.kv_cache`). explicit:
+        (positions, mask) of a pass without a cache, given to the model as a custom 4D additive mask."""
         from transformers import DynamicCache
 
         valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.to(idx.device)
-        pos, _, all_valid, length = extend_layout(cache, valid, self.max_length)
+        pos, mask, all_valid, length = layout(cache, valid, self.max_length, explicit)
         past = DynamicCache(config=self.model.config) if cache is None else DynamicCache(
             list(zip(cache.keys, cache.values)), config=self.model.config)
+        attention = all_valid.long()
+        if explicit is not None:
+            dtype = next(self.model.parameters()).dtype
+            attention = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(dtype).min)  # (B, 1, L, L) additive: what eager and sdpa attention both take
         kwargs = {}
         if logits_at is not None and self._has_logits_to_keep:
             cols = logits_at.any(dim=0).nonzero().squeeze(1).to(idx.device)  # (K,) positions needed in some row
             kwargs["logits_to_keep"] = cols
         kwargs[self._cache_arg] = past
-        out = self.model(input_ids=idx, attention_mask=all_valid.long(), position_ids=pos, use_cache=True, **kwargs)
+        out = self.model(input_ids=idx, attention_mask=attention, position_ids=pos, use_cache=True, **kwargs)
         logits = out.logits
         if logits_at is not None and self._has_logits_to_keep:
             logits = logits[logits_at[:, kwargs["logits_to_keep"].to(logits_at.device)].to(logits.device)]

@@ -72,6 +72,52 @@ def extend_layout(cache: KVCache | None, valid_new: torch.Tensor,
     return pos, mask[:, None], valid, length
 
 
+def layout(cache: KVCache | None, valid_new: torch.Tensor, max_length: int | None,
+           explicit: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """`extend_layout`, or an `explicit` (positions (B, L), mask (B, 1, L, L)) for a pass without a cache (a
+    shared-prefix row, `shared_prefix_rows`); positions must stay below `max_length`."""
+    if explicit is None:
+        return extend_layout(cache, valid_new, max_length)
+    if cache is not None:
+        raise ValueError("an explicit layout is for a pass without a cache")
+    pos, mask = explicit
+    if max_length is not None and int(pos.max()) >= max_length:
+        raise ValueError(f"position {int(pos.max())} exceeds the network's window of {max_length}")
+    valid_new = valid_new.to(torch.bool)
+    return pos.to(valid_new.device), mask.to(valid_new.device), valid_new, valid_new.long().sum(1)
+
+
+def shared_prefix_rows(docs: list[tuple[list[int], list[list[int]]]]):
+    """One row per document (context c, continuations s_1..s_k): the tokens c + s_1 + … + s_k, right-padded to the
+    longest row. Context tokens sit at positions 0 … |c|-1 and attend causally among themselves; the tokens of s_j
+    continue at positions |c| … and attend to the whole context and causally to s_j only, never to another s_i:
+    each s_j is computed exactly as in the sequence c + s_j, the context once for all of them.
+
+    Returns idx (B, T), valid (B, T), positions (B, T), mask (B, 1, T, T) bool (a padding token sees itself) and,
+    per document, the row offsets of its segments [(start, length)] (context first)."""
+    T = max(len(c) + sum(len(s) for s in conts) for c, conts in docs)
+    B = len(docs)
+    idx = torch.zeros(B, T, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)  # segment of each slot: 0 context, j continuation j, -1 padding
+    spans = []
+    for b, (c, conts) in enumerate(docs):
+        at, parts = 0, []
+        for j, piece in enumerate([c] + list(conts)):
+            n = len(piece)
+            idx[b, at:at + n] = torch.as_tensor(piece, dtype=torch.long)
+            pos[b, at:at + n] = torch.arange(n) + (0 if j == 0 else len(c))
+            seg[b, at:at + n] = j
+            parts.append((at, n))
+            at += n
+        spans.append(parts)
+    slot = torch.arange(T)
+    causal = slot[None, :] <= slot[:, None]  # (T, T): key ≤ query
+    same = (seg[:, None, :] == seg[:, :, None]) | (seg[:, None, :] == 0)  # key in the query's segment or context
+    mask = (causal[None] & same & (seg[:, None, :] >= 0) & (seg[:, :, None] >= 0)) | torch.eye(T, dtype=torch.bool)
+    return idx, seg >= 0, pos, mask[:, None], spans
+
+
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: tuple | None, mask: torch.Tensor,
                      scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """softmax(q kᵀ·scale + mask) v over the past slots and the new ones, each K/V head shared by its H/g query heads.

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prime_eval.networks.kv_cache import KVCache, cached_attention, extend_layout, rope_rows
+from prime_eval.networks.kv_cache import KVCache, cached_attention, layout, rope_rows
 from prime_eval.subtokenizer import base_from_ell
 
 # name -> (n_layer, n_embd, n_head, intermediate_size, non-embedding params (blocks + ln_f) used upstream for FLOPs)
@@ -378,14 +378,15 @@ class _LitBase(nn.Module):
 
     @torch.no_grad()
     def forward_cached(self, idx: torch.Tensor, cache: KVCache | None = None, *, valid: torch.Tensor | None = None,
-                       logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+                       logits_at: torch.Tensor | None = None, explicit=None) -> tuple[torch.Tensor, KVCache]:
         """Causal models: new tokens idx (B, L) after the cached ones -> (logits as `forward`, the extended cache).
 
-        valid (B, L) bool: False marks padding (`prime_eval.networks.kv_cache`); default all True."""
+        valid (B, L) bool: False marks padding; explicit: (positions, mask) of a pass without a cache
+        (`prime_eval.networks.kv_cache`); default all True."""
         if not self.causal:
             raise ValueError(f"{type(self).__name__} is bidirectional: it has no key/value cache")
         valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.to(idx.device)
-        pos, mask, all_valid, length = extend_layout(cache, valid, self.max_length)
+        pos, mask, all_valid, length = layout(cache, valid, self.max_length, explicit)
         x = self.embed(idx)  # (B, L, d)
         cfg = self.config
         cos, sin = build_rope_cache(int(pos.max()) + 1, int(cfg.rotary_percentage * cfg.head_size),
