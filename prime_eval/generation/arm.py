@@ -6,12 +6,13 @@ Per request: the prompt runs once (prefill), then one token per forward pass ove
                                              request's own generator)
 
 until a stop token (EOS; not part of the answer), the caller's stop check (`should_stop(i, tokens)`, e.g. a stop
-string in the decoded text) or `max_new_tokens`. Requests share passes only with requests whose prompt has the same
-padded length: each prompt is left-padded to the next multiple of `bucket` tokens (its padding masked, positions
-counted from its first real token; `prime_eval.networks.kv_cache`), so every shape of a request's computation
-depends on the request alone and its tokens do not depend on the batch, the order or the number of processes
-(on CPU; `pack="request"` on GPUs runs each request alone). Networks without a cache (`supports_kv_cache`) run the
-whole sequence each step, one request at a time.
+string in the decoded text) or `max_new_tokens`. Batching (`pack`): "bucket" (default, as `hf`) — prompts longest
+first, `rows_per_pass` per batch, left-padded to the longest (padding masked, positions counted from each prompt's
+first token; `prime_eval.networks.kv_cache`); "length" — batches of prompts of one length; "request" — each request
+alone, so its tokens cannot depend on anything else (bit for bit). With "bucket" and "length" a row's logits can
+differ in the last bits with what shares its passes (docs/adapters.md, "Bits and batches"), which changes a token
+only at a near tie. Networks without a cache (`supports_kv_cache`) run the whole sequence each step, one request at
+a time.
 """
 from __future__ import annotations
 
@@ -19,17 +20,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from prime_eval.estimators.rows import bucket_length
 from prime_eval.generation.request import GenRequest, Generation
 from prime_eval.generation.steps import draw_many
 from prime_eval.networks.kv_cache import supports_kv_cache
 
 
-def generate_arm(net, requests: Sequence[GenRequest], *, rows_per_pass: int = 64, bucket: int | None = 32,
-                 pack: str = "bucket", should_stop: Callable[[int, list[int]], bool] | None = None,
+def generate_arm(net, requests: Sequence[GenRequest], *, rows_per_pass: int = 64, pack: str = "bucket",
+                 should_stop: Callable[[int, list[int]], bool] | None = None,
                  on_pass: Callable[[int], None] | None = None) -> list[Generation]:
-    """One `Generation` per request (module docstring). pack: "bucket" (prompts padded to a multiple of `bucket`),
-    "length" (passes of one prompt length), "request" (each request alone). on_pass(rows): called after every pass."""
+    """One `Generation` per request (module docstring). on_pass(rows): called after every pass."""
     out: list[Generation | None] = [None] * len(requests)
     todo = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
     for i in set(range(len(requests))) - set(todo):
@@ -39,17 +38,20 @@ def generate_arm(net, requests: Sequence[GenRequest], *, rows_per_pass: int = 64
             out[i] = _decode_uncached(net, requests[i], lambda toks, i=i: should_stop is not None
                                       and should_stop(i, toks), on_pass)
         return out  # type: ignore[return-value]
-    width = bucket if pack == "bucket" else None
-    groups: dict[int, list[int]] = {}
-    for i in todo:
-        groups.setdefault(bucket_length(len(requests[i].prompt), width), []).append(i)
-    per_pass = 1 if pack == "request" else max(1, rows_per_pass)
-    for length in sorted(groups, reverse=True):
-        idx = groups[length]
-        for s in range(0, len(idx), per_pass):
-            rows = idx[s:s + per_pass]
-            for i, g in zip(rows, _decode(net, [requests[i] for i in rows], length, rows, should_stop, on_pass)):
-                out[i] = g
+    order = sorted(todo, key=lambda i: -len(requests[i].prompt))  # longest first (stable)
+    if pack == "request":
+        batches = [[i] for i in order]
+    elif pack == "length":
+        by_len: dict[int, list[int]] = {}
+        for i in order:
+            by_len.setdefault(len(requests[i].prompt), []).append(i)
+        batches = [g[s:s + rows_per_pass] for g in by_len.values() for s in range(0, len(g), max(1, rows_per_pass))]
+    else:
+        batches = [order[s:s + rows_per_pass] for s in range(0, len(order), max(1, rows_per_pass))]
+    for rows in batches:
+        length = max(len(requests[i].prompt) for i in rows)
+        for i, g in zip(rows, _decode(net, [requests[i] for i in rows], length, rows, should_stop, on_pass)):
+            out[i] = g
     return out  # type: ignore[return-value]
 
 

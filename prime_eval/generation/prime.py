@@ -96,10 +96,14 @@ class _PrimeSampler:
         pos, _ = self.todo
         self.passes += 1
         visible = self.y[pos].masked_fill(self.y[pos] == self.mask, -1)  # (n, ℓ), -1 where masked
-        ok = self.st.consistent(visible.to(logits.device))  # (n, V)
+        seen = (visible >= 0).any(1)  # tokens with a visible digit: only these are restricted
+        if bool(seen.any()):
+            ok = self.st.consistent(visible[seen].to(logits.device))  # (n', V)
+            logits = logits.clone()
+            logits[seen.to(logits.device)] = logits[seen.to(logits.device)].masked_fill(~ok, float("-inf"))
         r = self.r
         u = None if r.temperature == 0 else torch.rand(pos.numel(), generator=self.g, dtype=torch.float64)
-        return logits.masked_fill(~ok, float("-inf")), u, r
+        return logits, u, r
 
     def finish(self, x0: torch.Tensor, conf=None) -> None:
         """Reveal the step's digits from the consistent tokens x0 (n,) drawn for its positions."""

@@ -85,8 +85,9 @@ def draw_many(prepared: list, confidence: list[bool]) -> list[tuple]:
         u = None if tau == 0 else torch.cat([prepared[i][1] for i in idx])
         x0 = sample(logits, u, tau, top_k, top_p)
         conf = None
-        if any(confidence[i] for i in idx):
-            conf = torch.softmax(logits.double(), -1).gather(1, x0[:, None]).squeeze(1).cpu()
+        if any(confidence[i] for i in idx):  # p(x0) = exp(logit(x0) - logsumexp(logits)), float64
+            lg = logits.double()
+            conf = (lg.gather(1, x0[:, None]).squeeze(1) - torch.logsumexp(lg, -1)).exp().cpu()
         x0 = x0.cpu()
         start = 0
         for i in idx:
