@@ -11,17 +11,9 @@ from model_adapters import ARMLM
 from prime_eval.errors import UserError
 from prime_eval.generation import GenRequest, generate
 from prime_eval.networks.kv_cache import supports_kv_cache
+from test_networks import _randomise as _peaked  # weights of a trained model's scale: no near-ties
 
 TASK = "boolq-seq2seq"
-
-
-def _peaked(model, seed=0, std=0.2):
-    """Weights of a trained model's scale (logits spread by several nats: no near-ties between code paths)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if p.ndim == 1 else 0.0))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

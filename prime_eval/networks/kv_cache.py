@@ -72,6 +72,27 @@ def extend_layout(cache: KVCache | None, valid_new: torch.Tensor,
     return pos, mask[:, None], valid, length
 
 
+def begin(net, idx: torch.Tensor, cache: KVCache | None, valid: torch.Tensor | None, explicit):
+    """The first step of every causal network's `forward_cached`: (positions (B, L), mask (B, 1, L, S+L), the new
+    cache's valid and length) of the new tokens (`layout`); valid defaults to all True."""
+    if not getattr(net, "causal", False):
+        raise ValueError(f"{type(net).__name__} is bidirectional: it has no key/value cache")
+    valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.to(idx.device)
+    return layout(cache, valid, getattr(net, "max_length", None), explicit)
+
+
+def through_blocks(blocks, x: torch.Tensor, cos, sin, cache: KVCache | None, mask: torch.Tensor):
+    """x (B, L, d) through the blocks' `forward_cached(x, cos, sin, past, mask) -> (x, keys, values)`, layer i over
+    the cache's layer i: (x, [keys], [values])."""
+    keys, values = [], []
+    for i, block in enumerate(blocks):
+        past = None if cache is None else (cache.keys[i], cache.values[i])
+        x, k, v = block.forward_cached(x, cos, sin, past, mask)
+        keys.append(k)
+        values.append(v)
+    return x, keys, values
+
+
 def layout(cache: KVCache | None, valid_new: torch.Tensor, max_length: int | None,
            explicit: tuple[torch.Tensor, torch.Tensor] | None = None):
     """`extend_layout`, or an `explicit` (positions (B, L), mask (B, 1, L, L)) for a pass without a cache (a

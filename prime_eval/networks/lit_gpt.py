@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prime_eval.networks.kv_cache import KVCache, cached_attention, layout, rope_rows
+from prime_eval.networks.kv_cache import KVCache, begin, cached_attention, rope_rows, through_blocks
 from prime_eval.subtokenizer import base_from_ell
 
 # name -> (n_layer, n_embd, n_head, intermediate_size, non-embedding params (blocks + ln_f) used upstream for FLOPs)
@@ -379,26 +379,16 @@ class _LitBase(nn.Module):
     @torch.no_grad()
     def forward_cached(self, idx: torch.Tensor, cache: KVCache | None = None, *, valid: torch.Tensor | None = None,
                        logits_at: torch.Tensor | None = None, explicit=None) -> tuple[torch.Tensor, KVCache]:
-        """Causal models: new tokens idx (B, L) after the cached ones -> (logits as `forward`, the extended cache).
-
-        valid (B, L) bool: False marks padding; explicit: (positions, mask) of a pass without a cache
-        (`prime_eval.networks.kv_cache`); default all True."""
-        if not self.causal:
-            raise ValueError(f"{type(self).__name__} is bidirectional: it has no key/value cache")
-        valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.to(idx.device)
-        pos, mask, all_valid, length = layout(cache, valid, self.max_length, explicit)
+        """`forward` over a key/value cache (the contract of `prime_eval.networks.kv_cache`; causal GPT only): new
+        tokens idx (B, L), valid (B, L) (False: padding), explicit (positions, mask) -> (logits, extended cache)."""
+        pos, mask, all_valid, length = begin(self, idx, cache, valid, explicit)
         x = self.embed(idx)  # (B, L, d)
         cfg = self.config
         cos, sin = build_rope_cache(int(pos.max()) + 1, int(cfg.rotary_percentage * cfg.head_size),
                                     base=cfg.rope_base, condense_ratio=cfg.condense_ratio, device=x.device,
                                     round_bf16=cfg.rope_bf16)
         cos, sin = rope_rows(cos, sin, pos)  # (B, 1, L, n/2)
-        keys, values = [], []
-        for i, block in enumerate(self.transformer.h):
-            past = None if cache is None else (cache.keys[i], cache.values[i])
-            x, k, v = block.forward_cached(x, cos, sin, past, mask)
-            keys.append(k)
-            values.append(v)
+        x, keys, values = through_blocks(self.transformer.h, x, cos, sin, cache, mask)
         return self._logits(self.transformer.ln_f(x), logits_at), KVCache(keys, values, all_valid, length)
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prime_eval.networks.kv_cache import KVCache, cached_attention, layout, rope_rows
+from prime_eval.networks.kv_cache import KVCache, begin, cached_attention, rope_rows, through_blocks
 from prime_eval.subtokenizer import SubTokenizer, base_from_ell
 
 # hydra `configs/model/*.yaml`: name -> (hidden_size, n_blocks, n_heads, cond_dim, length)
@@ -286,23 +286,13 @@ class _DiTBase(nn.Module):
     @torch.no_grad()
     def forward_cached(self, idx: torch.Tensor, cache: KVCache | None = None, *, valid: torch.Tensor | None = None,
                        logits_at: torch.Tensor | None = None, explicit=None) -> tuple[torch.Tensor, KVCache]:
-        """AR only: new tokens idx (B, L) after the cached ones -> (logits as `forward`, the extended cache).
-
-        valid (B, L) bool: False marks padding; explicit: (positions, mask) of a pass without a cache
-        (`prime_eval.networks.kv_cache`); default all True."""
-        if not self.causal:
-            raise ValueError(f"{type(self).__name__} is bidirectional: it has no key/value cache")
-        valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.to(idx.device)
-        pos, mask, all_valid, length = layout(cache, valid, self.max_length, explicit)
+        """The AR's `forward` over a key/value cache (`prime_eval.networks.kv_cache`: new tokens idx (B, L) after the
+        cached ones, valid (B, L), explicit (positions, mask)) -> (logits, extended cache); DIT has none."""
+        pos, mask, all_valid, length = begin(self, idx, cache, valid, explicit)
         x = self.embed(idx)  # (B, L, d)
         cos, sin = self.rotary_emb(int(pos.max()) + 1, x.device)  # (P, hs)
         cos, sin = rope_rows(cos.to(x.dtype), sin.to(x.dtype), pos)  # (B, 1, L, hs)
-        keys, values = [], []
-        for i, block in enumerate(self.blocks):
-            past = None if cache is None else (cache.keys[i], cache.values[i])
-            x, k, v = block.forward_cached(x, cos, sin, past, mask)
-            keys.append(k)
-            values.append(v)
+        x, keys, values = through_blocks(self.blocks, x, cos, sin, cache, mask)
         x = self.output_layer.pre_linear(x, None)
         if logits_at is not None:
             x = x[logits_at.to(x.device)]  # (N, d)

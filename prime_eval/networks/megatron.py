@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prime_eval.networks.kv_cache import KVCache, cached_attention, layout, rope_rows
+from prime_eval.networks.kv_cache import KVCache, begin, cached_attention, rope_rows, through_blocks
 from prime_eval.networks.lit_gpt import (RMSNorm, apply_rope, build_rope_cache, grouped_attention, padding_key_mask,
                                          rms_norm, split_grouped_qkv)
 
@@ -309,25 +309,15 @@ class _MegatronBase(nn.Module):
     @torch.no_grad()
     def forward_cached(self, idx: torch.Tensor, cache: KVCache | None = None, *, valid: torch.Tensor | None = None,
                        logits_at: torch.Tensor | None = None, explicit=None) -> tuple[torch.Tensor, KVCache]:
-        """Causal models: new tokens idx (B, L) after the cached ones -> (logits as `forward`, the extended cache).
-
-        valid (B, L) bool: False marks padding; explicit: (positions, mask) of a pass without a cache
-        (`prime_eval.networks.kv_cache`); default all True."""
-        if not self.causal:
-            raise ValueError(f"{type(self).__name__} is bidirectional: it has no key/value cache")
-        valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.to(idx.device)
-        pos, mask, all_valid, length = layout(cache, valid, self.max_length, explicit)
+        """GPTModel: `forward` over a key/value cache, as in `prime_eval.networks.kv_cache` (idx (B, L) new tokens,
+        valid (B, L) False at padding, explicit (positions, mask) without a cache) -> (logits, extended cache)."""
+        pos, mask, all_valid, length = begin(self, idx, cache, valid, explicit)
         x = self.embed(idx)  # (B, L, d)
         cfg = self.config
         cos, sin = build_rope_cache(int(pos.max()) + 1, cfg.rotary_dim, base=cfg.rotary_base, device=x.device,
                                     round_bf16=False)
         cos, sin = rope_rows(cos, sin, pos)  # (B, 1, L, n/2)
-        keys, values = [], []
-        for i, layer in enumerate(self.block.layers):
-            past = None if cache is None else (cache.keys[i], cache.values[i])
-            x, k, v = layer.forward_cached(x, cos, sin, past, mask)
-            keys.append(k)
-            values.append(v)
+        x, keys, values = through_blocks(self.block.layers, x, cos, sin, cache, mask)
         x = self.block.final_layernorm(x)  # (B, L, d)
         if logits_at is not None:
             x = x[logits_at.to(x.device)]  # (N, d)
