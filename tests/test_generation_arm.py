@@ -177,3 +177,60 @@ def test_sampling_depends_on_the_seed_not_on_the_batch(lit_gpt_net):
     greedy = generate("arm", net, [GenRequest(r.prompt, 12, seed=r.seed) for r in reqs])
     top1 = generate("arm", net, [GenRequest(r.prompt, 12, seed=r.seed, temperature=1.0, top_k=1) for r in reqs])
     assert [g.tokens for g in top1] == [g.tokens for g in greedy]
+
+
+def _causal_networks():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from prime_eval.networks.hf_causal import HFCausalLM
+    from prime_eval.networks.lit_gpt import GPT, Config
+    from prime_eval.networks.mdlm_dit import AR, DiTConfig
+    from prime_eval.networks.megatron import GPTModel, MegatronConfig
+
+    torch.manual_seed(0)
+    return {
+        "lit_gpt": GPT(Config(n_layer=2, n_embd=32, n_head=4, n_query_groups=2, intermediate_size=48, vocab_size=60,
+                              block_size=64, rope_bf16=True)),
+        "mdlm_ar": AR(DiTConfig(hidden_size=32, n_blocks=2, n_heads=2, vocab_size=60, length=64)),
+        "megatron": GPTModel(MegatronConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                                            ffn_hidden_size=64, vocab_size=60, seq_length=64)),
+        "hf_gpt2": HFCausalLM(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=60,
+                                                         n_positions=64, bos_token_id=0, eos_token_id=0))),
+        "hf_llama": HFCausalLM(LlamaForCausalLM(LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=48,
+                                                            num_hidden_layers=2, num_attention_heads=4,
+                                                            num_key_value_heads=2, max_position_embeddings=64,
+                                                            bos_token_id=0, eos_token_id=0)))}
+
+
+@pytest.mark.parametrize("name", ["lit_gpt", "mdlm_ar", "megatron", "hf_gpt2", "hf_llama"])
+def test_kv_cache_and_shared_prefix_rows_equal_full_passes(name):
+    """Every causal network: a left-padded prefill, token-by-token extension over the cache (rows selected from it)
+    and the shared-prefix rows of scoring give the logits of plain full passes (fp32 tolerance)."""
+    from prime_eval.networks.kv_cache import shared_prefix_rows
+
+    net = _peaked(_causal_networks()[name], std=0.2)
+    assert supports_kv_cache(net)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(1, 60, (3, 20), generator=g)
+    with torch.no_grad():
+        full = net(x)  # (3, 20, V)
+    idx = torch.cat([torch.zeros(3, 4, dtype=torch.long), x[:, :12]], 1)  # rows 1, 2 left-padded by 4
+    valid = torch.ones(3, 16, dtype=torch.bool)
+    valid[1:, :4] = False
+    idx[0] = x[0, :16]
+    logits, cache = net.forward_cached(idx, None, valid=valid)
+    torch.testing.assert_close(logits[0], full[0, :16], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[1:, 4:], full[1:, :12], rtol=1e-4, atol=1e-4)
+    cache = cache.select(torch.tensor([2, 1]))  # rows reordered and one dropped
+    for t in range(12, 20):
+        step, cache = net.forward_cached(x[[2, 1], t:t + 1], cache)
+        torch.testing.assert_close(step[:, 0], full[[2, 1], t], rtol=1e-4, atol=1e-4)
+    # scoring's layout: context x[0, :8] once, continuations x[0, 8:14] and x[1, 8:11] (as if after that context)
+    conts = [x[0, 8:14].tolist(), x[1, 8:11].tolist()]
+    idx, valid, pos, mask, spans = shared_prefix_rows([(x[0, :8].tolist(), conts)])
+    with torch.no_grad():
+        shared, _ = net.forward_cached(idx, None, valid=valid, explicit=(pos, mask))
+        alone = net(torch.cat([x[:1, :8], torch.tensor([conts[1]])], 1))
+    torch.testing.assert_close(shared[0, :14], full[0, :14], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(shared[0, 14:17], alone[0, 8:11], rtol=1e-4, atol=1e-4)
+    assert spans == [[(0, 8), (8, 6), (14, 3)]]
