@@ -85,8 +85,8 @@ def diffusion_passes(args) -> None:
              {"subtokenizer": st, "chunk_point": 0.0}),
             ("prime", "chunk_point = 0.5", prime, {"subtokenizer": st, "chunk_point": 0.5}),
             ("prime", "steps = 4L", prime, {"subtokenizer": st, "steps": 4 * L})]
-    print(f"\nDiffusion samplers: {args.requests} requests, 20-token prompts, answers of {L} tokens, temperature {args.temperature} "
-          f"(forward rows per generated token; a CFG step is two rows)")
+    print(f"\nDiffusion samplers: {args.requests} requests, 20-token prompts, answers of {L} tokens, temperature "
+          f"{args.temperature} (forward rows per generated token; a CFG step is two rows)")
     for family, label, net, opts in runs:
         t0 = time.perf_counter()
         gens = generate(family, net, reqs, **opts)

@@ -38,12 +38,11 @@ def checkpoints(shared_data, tmp_path_factory):
 
 @pytest.mark.parametrize("family", ["arm", "mdm", "prime"])
 def test_score_runs_a_generative_task(family, checkpoints, shared_data, tmp_path):
-    tok = shared_data / "tokenizers" / "gpt2"
+    lit = f"tokenizer={shared_data / 'tokenizers' / 'gpt2'},config=n_head=2;block_size=256;vocab_size=50257"
     args = {"arm": f"checkpoint={checkpoints / 'arm'}",
-            "mdm": f"checkpoint={checkpoints / 'mdm.pth'},tokenizer={tok},config=n_head=2;block_size=256;vocab_size=50257,"
-                   "steps=4,block_length=2,remasking=ancestral,seed=5",
-            "prime": f"checkpoint={checkpoints / 'prime.pth'},tokenizer={tok},config=n_head=2;block_size=256;vocab_size=50257,"
-                     f"permutation={checkpoints / 'perm.pt'},steps=4,chunk_point=0.5"}[family]
+            "mdm": f"checkpoint={checkpoints / 'mdm.pth'},{lit},steps=4,block_length=2,remasking=ancestral,seed=5",
+            "prime": f"checkpoint={checkpoints / 'prime.pth'},{lit},permutation={checkpoints / 'perm.pt'},steps=4,"
+                     "chunk_point=0.5"}[family]
     out = tmp_path / "runs"
     rc = cli_main(["score", "--model", family, "--model_args", args, "--tasks", "boolq-seq2seq", "--data-dir",
                    str(shared_data), "--limit", "3", "--gen_kwargs", "max_gen_toks=4", "--output_path", str(out),
