@@ -10,9 +10,13 @@ tokens predict the rest. Compared with lm-eval `hf` (one row per choice, the con
 holds C + Σ n_j tokens instead of Σ (C + n_j), and one row per document instead of one per choice; the logits equal
 the full rows' up to float rounding (a different summation shape).
 
-Packing (`pack`): `bucket` (default) — documents longest first, `rows_per_pass` per pass, right-padded to the
-longest; `length` — passes of rows of one length (no padding); `request` — no sharing: each request's own row in
-passes of its own (`forward_rows_batch_invariant`), so a request's numbers cannot depend on what else is scored.
+Only contexts with several requests are shared, in rows of at most `MAX_SHARED_TOKENS` (a context with more
+continuations than fit gets several rows); a request alone with its context (a loglikelihood task, a rolling window)
+keeps its own plain causal row (`forward_rows_batch_invariant`), as does a continuation too long for a shared row.
+Packing (`pack`): `bucket` (default) — shared rows longest first, `rows_per_pass` per pass (fewer where the pass's
+T×T attention mask would exceed `MASK_ENTRIES`), right-padded to the longest; `length` — passes of rows of one
+length (no padding); `request` — no sharing: each request's own row in passes of its own, so a request's numbers
+cannot depend on what else is scored.
 With `bucket` and `length` a request's log-likelihood depends in the last bits (~1e-7 relative) on the rows it
 shares passes with: CPU matrix multiplications round a row differently for different numbers of rows, and padding
 changes the attention's summation.
@@ -26,6 +30,10 @@ import torch
 from prime_eval.errors import UserError
 from prime_eval.estimators.rows import PACKING, Rows, forward_rows_batch_invariant
 from prime_eval.networks.kv_cache import shared_prefix_rows
+
+
+MAX_SHARED_TOKENS = 1024  # tokens of one shared row
+MASK_ENTRIES = 2**24  # a pass's attention mask (rows × T × T) stays below this many entries
 
 
 def _split(rows: Rows) -> tuple[tuple[int, ...], list[int]] | None:
@@ -57,22 +65,40 @@ def forward_rows_shared_context(net, rows_list: Sequence[Rows], rows_per_pass: i
             other.append(r)
         else:
             docs.setdefault(parts[0], []).append((r, parts[1]))
+    shared = []  # (context, [(request, continuation inputs)]) rows of at most MAX_SHARED_TOKENS
+    for ctx, reqs in docs.items():
+        fits = [q for q in reqs if len(ctx) + len(q[1]) <= MAX_SHARED_TOKENS]
+        if len(reqs) < 2 or len(fits) < 2:
+            other += [r for r, _ in reqs]
+            continue
+        other += [r for r, x in reqs if len(ctx) + len(x) > MAX_SHARED_TOKENS]
+        row, used = [], len(ctx)
+        for q in fits:
+            if row and used + len(q[1]) > MAX_SHARED_TOKENS:
+                shared.append((ctx, row))
+                row, used = [], len(ctx)
+            row.append(q)
+            used += len(q[1])
+        shared.append((ctx, row))
     if other:
+        other.sort()
         for r, logits in zip(other, forward_rows_batch_invariant(net, [rows_list[r] for r in other], rows_per_pass,
                                                                  pack=pack, bucket=bucket)):
             out[r] = logits
-    length = {c: len(c) + sum(len(x) for _, x in conts) for c, conts in docs.items()}
-    order = sorted(docs, key=lambda c: -length[c])  # longest first (stable)
-    if pack == "length":
-        by_len: dict[int, list] = {}
-        for c in order:
-            by_len.setdefault(length[c], []).append(c)
-        groups = [g[s:s + rows_per_pass] for g in by_len.values() for s in range(0, len(g), max(1, rows_per_pass))]
-    else:
-        groups = [order[s:s + rows_per_pass] for s in range(0, len(order), max(1, rows_per_pass))]
+    length = [len(c) + sum(len(x) for _, x in reqs) for c, reqs in shared]
+    order = sorted(range(len(shared)), key=lambda i: -length[i])  # longest first (stable)
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        if g is not None and len(g) < rows_per_pass and (pack != "length" or length[g[0]] == length[i]) \
+                and (len(g) + 1) * length[g[0]] ** 2 <= MASK_ENTRIES:
+            g.append(i)
+        else:
+            groups.append([i])
     dev = next(iter(net.parameters()), torch.empty(0)).device
-    for group in groups:
-        _pass(net, [(list(c), [x for _, x in docs[c]]) for c in group], [docs[c] for c in group], out, dev)
+    for g in groups:
+        _pass(net, [(list(shared[i][0]), [x for _, x in shared[i][1]]) for i in g], [shared[i][1] for i in g],
+              out, dev)
     return out  # type: ignore[return-value]
 
 

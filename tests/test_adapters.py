@@ -394,6 +394,14 @@ def test_arm_runs_each_shared_context_once(kind, tiny_gpt2_dir, gpt2_tok):
     lm.loglikelihood(reqs)
     del lm.net.forward_cached
     assert sum(seen) == sum(n_ctx) + sum(n - 1 for n in n_cont) and len(seen) == 1  # 3 documents, one pass
+    import model_adapters.shared_context as S
+
+    S.MAX_SHARED_TOKENS, cap = 20, S.MAX_SHARED_TOKENS  # a document over several shared rows, or none
+    try:
+        split = lm.loglikelihood(reqs)
+    finally:
+        S.MAX_SHARED_TOKENS = cap
+    assert [a for a, _ in split] == pytest.approx([a for a, _ in per_request], abs=1e-5)
     shuffled = [reqs[i] for i in (5, 0, 11, 3, 8, 1, 10, 2, 7, 4, 9, 6)]
     again = ARMLM(model=lm.net, tokenizer=lm.tokenizer, rows_per_pass=64, pack="request").loglikelihood(shuffled)
     assert [again[shuffled.index(r)] for r in reqs] == per_request
