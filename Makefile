@@ -32,6 +32,7 @@ bench: $(VENV)/.installed
 	$(OFFLINE) PRIME_EVAL_DATA=$(PRIME_EVAL_DATA) $(BIN)/python benchmarks/variance.py
 	$(OFFLINE) PRIME_EVAL_DATA=$(PRIME_EVAL_DATA) $(BIN)/python benchmarks/adaptive.py
 	$(OFFLINE) PRIME_EVAL_DATA=$(PRIME_EVAL_DATA) $(BIN)/python benchmarks/arm_vs_hf.py
+	$(OFFLINE) PRIME_EVAL_DATA=$(PRIME_EVAL_DATA) $(BIN)/python benchmarks/generation.py
 	$(OFFLINE) PRIME_EVAL_DATA=$(PRIME_EVAL_DATA) $(BIN)/python benchmarks/iw_bias.py
 	$(OFFLINE) PRIME_EVAL_DATA=$(PRIME_EVAL_DATA) $(BIN)/python benchmarks/flops.py
 

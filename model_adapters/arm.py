@@ -1,59 +1,39 @@
-"""lm-eval model `arm`: autoregressive models (lit_gpt GPT, MDLM AR, any Hugging Face causal LM).
+"""lm-eval model `arm`: autoregressive models (lit_gpt GPT, MDLM AR, Megatron GPTModel, any Hugging Face causal LM).
 
     lm_eval --model arm --model_args checkpoint=ar.safetensors,tokenizer=tokenizers/llama2/tokenizer.model ...
 
-Log-likelihood: exact teacher forcing, summed over the continuation; `is_greedy`: every continuation token is the
-argmax of its conditional (lm-eval's `hf` convention). `generate_until`: greedy decoding through the network.
+Log-likelihood: exact teacher forcing, summed over the continuation; the choices of a document share one pass over
+their context (its key/value cache; `model_adapters.shared_context`); `is_greedy`: every continuation token is the
+argmax of its conditional (lm-eval's `hf` convention). `generate_until`: lm-eval `hf`'s contract
+(`model_adapters.generate_until`) with cached decoding batched across requests (`prime_eval.generation.arm`).
 Every model argument: `prime-eval score --help` (`prime_eval.settings`).
 """
 from __future__ import annotations
 
-import torch
 from lm_eval.api.registry import register_model
-from tqdm import tqdm
 
+from model_adapters import generate_until as G
 from model_adapters.base import PrimeEvalLM
-from prime_eval.errors import UserError
+from model_adapters.shared_context import forward_rows_shared_context
+from prime_eval.generation.arm import generate_arm
+from prime_eval.networks.kv_cache import supports_kv_cache
 
 
 @register_model("arm")
 class ARMLM(PrimeEvalLM):
     family = "arm"
 
-    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy decoding, one request at a time, until a stop string, EOS or `max_gen_toks` new tokens."""
-        out = []
-        for req in tqdm(requests, desc="arm generate_until", disable=disable_tqdm or self.rank != 0):
-            context, gen_kwargs = req.args
-            kwargs = dict(gen_kwargs or {})
-            if kwargs.get("do_sample") or float(kwargs.get("temperature", 0.0) or 0.0) > 0.0:
-                raise UserError("arm generate_until decodes greedily only; drop do_sample / temperature")
-            until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            eos_text = self.tok_decode([self.eot_token_id])
-            until = until + [eos_text] if eos_text not in until else until
-            max_gen = int(kwargs.get("max_gen_toks", 256))
-            ids = self.tok_encode(context)[-max(1, self.max_length - max_gen):] or [self.prefix_token_id]
-            out.append(self._decode_greedy(ids, max_gen, until))
-        return out
+    def _forward(self, rows_list: list) -> list:
+        """Logits of many requests' rows; with a key/value cache, each distinct context runs once and its
+        continuations run on top of its cache (the same numbers up to float rounding)."""
+        if not supports_kv_cache(self.net):
+            return super()._forward(rows_list)
+        return forward_rows_shared_context(self.net, rows_list, self.rows_per_pass, pack=self.settings.pack)
 
-    @torch.no_grad()
-    def _decode_greedy(self, ids: list[int], max_gen: int, until: list[str]) -> str:
-        seq = torch.tensor([ids], device=self.device)  # (1, L)
-        new: list[int] = []
-        for _ in range(max_gen):
-            window = seq[:, -self.max_length:]
-            at = torch.zeros_like(window, dtype=torch.bool)
-            at[0, -1] = True
-            nxt = int(self.net(window, logits_at=at).argmax(-1)[0])  # logits (1, V) at the last position
-            if nxt == self.eot_token_id:
-                break
-            new.append(nxt)
-            seq = torch.cat([seq, torch.tensor([[nxt]], device=self.device)], dim=1)
-            text = self.tok_decode(new)
-            if any(u in text for u in until):
-                break
-        text = self.tok_decode(new)
-        for u in until:
-            text = text.split(u)[0] if u else text
-        return text
+    def _generate(self, items: list, on_pass) -> list:
+        return generate_arm(self.net, [it.request for it in items], rows_per_pass=self.rows_per_pass,
+                            pack=self.settings.pack, on_pass=on_pass,
+                            should_stop=lambda i, toks: G.stop_string_seen(self, items[i].until, toks))
+
+    def generation_info(self) -> dict:
+        return {**super().generation_info(), "kv_cache": supports_kv_cache(self.net), "pack": self.settings.pack}

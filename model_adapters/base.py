@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
+from tqdm import tqdm
 
 from prime_eval import distributed as D
 from prime_eval.adaptive import AdaptiveRule
@@ -37,6 +38,7 @@ from prime_eval.errors import UserError
 from prime_eval.estimators import ESTIMATORS, forward_rows_batch_invariant, get_estimator
 from prime_eval.loading import load_model
 from prime_eval.settings import DEFAULT_SCORE_ESTIMATOR, Settings, merge_lm_eval_args
+from model_adapters import generate_until as G
 from model_adapters.scoring import RESULT_FIELDS, RequestScorer, ScoreCounters, request_seed
 
 log = logging.getLogger("prime_eval.adapters")
@@ -300,9 +302,68 @@ class PrimeEvalLM(TemplateLM):
             out.append(self.stats[-1]["loglikelihood"])
         return out
 
+    # -- generate_until (model_adapters.generate_until: lm-eval hf's contract; prime_eval.generation: samplers) ----
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        raise UserError(f"generate_until (generation tasks) is not supported yet for `{self.family}` models; "
-                        "run loglikelihood / multiple-choice tasks")
+        """lm-eval's generate_until: one answer string per request, from the family's sampler (`_generate`)."""
+        items = G.build_items(self, requests, self._answer_tokens)
+        bar = tqdm(total=sum(self._passes_at_most(it) for it in items), unit="row", disable=disable_tqdm
+                   or self.rank != 0 or not items, desc=f"{self.family} generate_until (forward rows; total: at most)")
+        gens = self._generate(items, bar.update)
+        bar.total = bar.n  # the rows actually run
+        bar.close()
+        out = []
+        for it, g in zip(items, gens):
+            out.append(G.answer_text(self, it, g))
+            self._record_generation(it, g)
+        trunc = [it for it in items if it.truncated]
+        if trunc:
+            self.truncated_requests += len(trunc)
+            self.truncated_tokens += sum(it.truncated for it in trunc)
+            log.warning("%d of %d generate_until prompts exceed their room in the %d-token window and were "
+                        "left-truncated (%d tokens dropped)", len(trunc), len(items), self._max_length,
+                        sum(it.truncated for it in trunc))
+        return out
+
+    def _answer_tokens(self, max_gen_toks: int) -> int:
+        """Tokens an answer takes in the window: ARM at most max_gen_toks; diffusion its fixed length."""
+        g = self.settings.gen_length
+        return max_gen_toks if self.family == "arm" or g is None else min(g, max_gen_toks)
+
+    def _passes_at_most(self, item) -> int:
+        """The most forward rows a request can take (the progress bar's total): ARM one per token; diffusion one per
+        step (two with CFG)."""
+        n = self._answer_tokens(item.request.max_new_tokens)
+        if self.family == "arm":
+            return max(1, n)
+        return (self.settings.steps or n) * (2 if self.family == "mdm" and self.settings.cfg else 1)
+
+    def _generate(self, items: list, on_pass) -> list:
+        """The family's sampler on the items' `GenRequest`s (`prime_eval.generation`): one Generation each."""
+        raise NotImplementedError
+
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """Tokens that end an answer: the tokenizer's EOS and, for a Hugging Face model, its generation config's
+        eos_token_id(s) (what transformers' `generate` stops on, as lm-eval `hf`)."""
+        ids = [] if self.eot_token_id is None else [int(self.eot_token_id)]
+        hf = getattr(self.net, "model", None)
+        eos = getattr(getattr(hf, "generation_config", None), "eos_token_id", None)
+        for e in ([eos] if isinstance(eos, int) else list(eos or [])):
+            if int(e) not in ids and int(e) < self.net.vocab_size:
+                ids.append(int(e))
+        return tuple(ids)
+
+    def _record_generation(self, it, g) -> None:
+        self.stats.append({
+            "task": it.task, "doc_id": it.doc_id, "choice": it.repeat, "request_index": len(self.stats),
+            "kind": "generate_until", "prompt_tokens": len(it.request.prompt), "generated_tokens": len(g.tokens),
+            "forward_passes": g.forward_passes, "stop": g.stop, "temperature": it.request.temperature,
+            "max_gen_toks": it.request.max_new_tokens, "truncated_tokens": it.truncated, "seed": it.request.seed,
+            **g.extra})
+
+    def generation_info(self) -> dict:
+        """The sampler's settings for the results config (`get_model_info`)."""
+        return {"sampler": self.family, "max_gen_toks": self.settings.max_gen_toks,
+                **self.settings.generation_options(self.family)}
 
     # -- run outputs --------------------------------------------------------------------------------------------
     def gather_run_state(self) -> None:
@@ -341,18 +402,19 @@ class PrimeEvalLM(TemplateLM):
             "add_bos": self.add_bos, "rows_per_pass": self.rows_per_pass, "chunk_rows": s.resolved_chunk_rows(),
             "pack": s.pack, "greedy": True if self.family == "arm" else "auto" if s.greedy is None else s.greedy,
             "truncated_requests": self.truncated_requests, "truncated_tokens": self.truncated_tokens,
-            "processes": self._world_size, "cache": cache}
+            "processes": self._world_size, "cache": cache, "generation": self.generation_info()}
         if self.family == "prime":
             info["permutation_file"] = b.permutation if b.permutation is None else str(b.permutation)
             info["permutation_source"] = b.identity["permutation_source"]  # checkpoint | the file | identity
         return {"prime_eval": info}
 
     def finalize_run(self, output_dir, date_id: str) -> list[Path]:
-        """prime-eval score's post-run hook: write `stats_<task>_<date_id>.jsonl` next to lm-eval's samples."""
-        by_task: dict[str, list[dict]] = {}
+        """prime-eval score's post-run hook: write `stats_<task>_<date_id>.jsonl` (log-likelihood requests) and
+        `generations_<task>_<date_id>.jsonl` (generate_until requests) next to lm-eval's samples."""
+        by_file: dict[str, list[dict]] = {}
         for row in self.stats:
-            by_task.setdefault(row["task"] or "unknown", []).append(row)
+            kind = "generations" if row.get("kind") == "generate_until" else "stats"
+            by_file.setdefault(f"{kind}_{row['task'] or 'unknown'}_{date_id}.jsonl", []).append(row)
         from prime_eval.io import write_jsonl
 
-        return [write_jsonl(Path(output_dir) / f"stats_{task}_{date_id}.jsonl", rows)  # atomic
-                for task, rows in by_task.items()]
+        return [write_jsonl(Path(output_dir) / name, rows) for name, rows in by_file.items()]  # atomic

@@ -6,6 +6,9 @@ Estimators (`estimator=`): `exact_count` (default for scoring; LLaDA), `mc` (str
 weight 1/t), `levels`, `chain_rule` (deterministic left-to-right; not the ELBO), `iw` (importance-weighted any-order
 bound, `orders=K`, `proposal=uniform|pl`, `tau`). Options: `eps`, `T`, `cfg` (cfg > 0 is not a likelihood: flagged
 `is_bound: false`). `is_greedy`: greedy confidence-ordered unmasking (`prime_eval.estimators.greedy`).
+`generate_until`: LLaDA's semi-autoregressive low-confidence remasking or MDLM's ancestral steps
+(`prime_eval.generation.mdm`; `steps`, `gen_length`, `block_length`, `remasking`, `cfg`), stop strings applied to the
+decoded answer as lm-eval does (`model_adapters.generate_until`).
 Every model argument: `prime-eval score --help` (`prime_eval.settings`).
 """
 from __future__ import annotations
@@ -14,6 +17,7 @@ from lm_eval.api.registry import register_model
 
 from model_adapters.base import PrimeEvalLM
 from prime_eval.estimators.greedy import greedy_unmask
+from prime_eval.generation.mdm import generate_mdm
 
 
 @register_model("mdm")
@@ -28,3 +32,8 @@ class MDMLM(PrimeEvalLM):
                                  rows_per_pass=self.rows_per_pass)
         for it, g, r in zip(items, ok, rows):
             it["is_greedy"], it["greedy_rows"] = g, r
+
+    def _generate(self, items: list, on_pass) -> list:
+        return generate_mdm(self.net, [it.request for it in items], mask_id=self.net.mask_id,
+                            rows_per_pass=self.rows_per_pass, pack=self.settings.pack, on_pass=on_pass,
+                            **self.settings.generation_options("mdm"))

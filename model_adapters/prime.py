@@ -9,6 +9,8 @@ the sub-tokenizer from them. Estimators: `exact_count` (default for scoring), `m
 (importance-weighted any-order bound; `orders=K`, `proposal=uniform|pl`, `tau`), `legacy_joint` (the published
 score; with `cfg`, `temperature`, `chunk`, `legacy_scope`; not a bound).
 `is_greedy`: greedy confidence-ordered unmasking of whole tokens (`prime_eval.estimators.greedy`).
+`generate_until`: partial masking over sub-tokens, each token drawn among those consistent with its visible digits
+(never an invalid code; `prime_eval.generation.prime`; `steps`, `gen_length`, `block_length`, `chunk_point`).
 Every model argument: `prime-eval score --help` (`prime_eval.settings`).
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from lm_eval.api.registry import register_model
 
 from model_adapters.base import PrimeEvalLM
 from prime_eval.estimators.greedy import greedy_unmask
+from prime_eval.generation.prime import generate_prime
 
 
 @register_model("prime")
@@ -35,3 +38,12 @@ class PrimeLM(PrimeEvalLM):
                                  subtokenizer=self.subtokenizer, rows_per_pass=self.rows_per_pass)
         for it, g, r in zip(items, ok, rows):
             it["is_greedy"], it["greedy_rows"] = g, r
+
+    def _generate(self, items: list, on_pass) -> list:
+        return generate_prime(self.net, [it.request for it in items], subtokenizer=self.subtokenizer,
+                              rows_per_pass=self.rows_per_pass, pack=self.settings.pack, on_pass=on_pass,
+                              **self.settings.generation_options("prime"))
+
+    def generation_info(self) -> dict:
+        return {**super().generation_info(), "carry_over": self.bundle.carry_over,
+                "consistent_tokens_only": True}

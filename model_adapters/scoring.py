@@ -402,8 +402,22 @@ def _counting_rows(net, bar):
 
     handles = [net.register_forward_pre_hook(start), net.register_forward_hook(end)]
     handles += [b.register_forward_hook(block_done) for b in blocks]
+    cached = getattr(net, "forward_cached", None)
+    shadowed = net.__dict__.get("forward_cached")  # an instance attribute already there (restored below)
+    if callable(cached):  # passes over a key/value cache (ARM) do not go through forward: count them too
+        def counted(idx, *args, **kwargs):
+            start(net, (idx,))
+            out = cached(idx, *args, **kwargs)
+            end(net, None, None)
+            return out
+
+        net.forward_cached = counted  # an instance attribute: shadows the method until deleted below
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        if callable(cached):
+            del net.forward_cached
+            if shadowed is not None:
+                net.forward_cached = shadowed

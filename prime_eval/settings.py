@@ -129,8 +129,8 @@ class Settings:
                                 check=lambda v: None if 0.0 <= v < 1.0 else "must lie in [0, 1)", flag="--eps")
     T: int | None = setting(None, "T-step discrete-time bound (none or 0: continuous time)",
                             families=DIFFUSION, commands=BOTH, check=_at_least(0), flag="--T")
-    cfg: float | None = setting(None, "classifier-free guidance scale (mdm; prime with legacy_joint): NOT a "
-                                "likelihood, flagged is_bound: false", families=DIFFUSION)
+    cfg: float | None = setting(None, "classifier-free guidance scale (mdm: scoring and generation; prime with "
+                                "legacy_joint): NOT a likelihood, flagged is_bound: false", families=DIFFUSION)
     temperature: float | None = setting(None, "legacy_joint only: the published v2 temperature", families=("prime",),
                                         commands=BOTH)
     chunk: str | None = setting(None, "legacy_joint only: published v2 time chunks 'points/sizes'",
@@ -158,6 +158,26 @@ class Settings:
                                   "stops", check=_at_least(0))
     greedy: bool | None = setting(None, "is_greedy by greedy unmasking: auto (only documents with one request, "
                                   "e.g. lambada), true (always), false (never)", families=DIFFUSION)
+    # -- generation (generate_until tasks): prime_eval.generation ------------------------------------------------
+    max_gen_toks: int = setting(256, "generate_until: tokens generated at most when the task does not say (lm-eval "
+                                "hf's max_gen_toks); the prompt keeps max_length - max_gen_toks tokens",
+                                check=_at_least(1))
+    gen_length: int | None = setting(None, "answer length in tokens of the diffusion samplers (default: the "
+                                     "request's max_gen_toks; never more)", families=DIFFUSION, check=_at_least(1))
+    steps: int | None = setting(None, "diffusion sampling steps per answer (default: the answer's length in "
+                                "tokens); a multiple of the number of blocks", families=DIFFUSION,
+                                check=_at_least(1))
+    block_length: int | None = setting(None, "semi-autoregressive blocks of this many tokens, sampled left to right, "
+                                       "steps/blocks steps each (LLaDA; default: one block)", families=DIFFUSION,
+                                       check=_at_least(1))
+    remasking: str = setting("low_confidence", "tokens revealed per step: low_confidence (LLaDA: the most "
+                             "confident), random (LLaDA: uniformly chosen), ancestral (MDLM: each masked token with "
+                             "probability (α_s-α_t)/(1-α_t))", families=("mdm",),
+                             choices=("low_confidence", "random", "ancestral"))
+    chunk_point: float | None = setting(None, "Prime sampler: while t > chunk_point a token's masked sub-tokens are "
+                                        "revealed together (the release's chunk_pt; 0 = whole tokens always; default "
+                                        "none: each sub-token on its own)", families=("prime",),
+                                        check=lambda v: None if 0.0 <= v <= 1.0 else "must lie in [0, 1]")
     # -- the machine: none of these changes a number -------------------------------------------------------
     rows_per_pass: int | None = setting(None, "network rows per forward pass; never changes a number (score's "
                                         "default: an integer --batch_size, else 64)", commands=BOTH,
@@ -167,8 +187,9 @@ class Settings:
                                      "results of a chunk are stored together, so a killed run loses at most "
                                      "one chunk", check=_at_least(1))
     max_logits_mb: float = setting(2048, "memory cap on the logits of one chunk (MB)", check=_positive)
-    pack: str = setting("bucket", "rows sharing a pass: bucket (padded to a multiple of 32 tokens), length (one "
-                        "length), request (each request alone; for GPUs)", choices=PACKING)
+    pack: str = setting("bucket", "rows sharing a pass: bucket (padded to a multiple of 32 tokens; ARM: one row "
+                        "per context, longest first, padded to the longest), length (one length), request (each "
+                        "request alone: the same bits whatever the batch; for GPUs)", choices=PACKING)
     max_length: int | None = setting(None, "token window (default: the network's); longer inputs are "
                                      "left-truncated and counted", check=_at_least(2))
     add_bos: bool | None = setting(None, "auto (what the tokenizer does by default), true or false")
@@ -226,6 +247,17 @@ class Settings:
             names = ("temperature", "chunk", "legacy_scope")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
+    def generation_options(self, family: str) -> dict:
+        """The sampler settings of `prime_eval.generation` for `family` (None: the request decides)."""
+        if family == "arm":
+            return {}
+        opts = {"gen_length": self.gen_length, "steps": self.steps, "block_length": self.block_length}
+        if family == "mdm":
+            opts.update(remasking=self.remasking, cfg=self.cfg or 0.0)
+        else:
+            opts.update(chunk_point=self.chunk_point)
+        return opts
+
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -255,6 +287,12 @@ def _resolve(s: dict, given: set, family: str, command: str, estimators) -> dict
     if s.get("adaptive") and not adaptive_applies(est):
         raise UserError(f"adaptive=true needs a Monte Carlo mean estimator, not {est}; drop adaptive or choose "
                         "mc or exact_count")
+    if s.get("gen_length") and s.get("steps"):  # the blocks of a known answer length (else checked per request)
+        block = min(s.get("block_length") or s["gen_length"], s["gen_length"])
+        blocks = -(-s["gen_length"] // block)
+        if s["steps"] % blocks:
+            raise UserError(f"steps={s['steps']} is not a multiple of the {blocks} blocks of block_length={block} in "
+                            f"gen_length={s['gen_length']}; choose steps as a multiple of {blocks}")
     if s.get("T") == 0:
         s["T"] = None  # 0 = continuous time (ppl's --T 0)
     perm = s.get("permutation")

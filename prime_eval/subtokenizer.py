@@ -111,13 +111,28 @@ class SubTokenizer:
 
     def consistent(self, visible: torch.Tensor) -> torch.Tensor:
         """Carry-over rule: (…, ℓ) visible digits (-1 where masked) -> (…, V) bool, True for the classes c with
-        Digits[c, j] = visible_j at every visible j (all classes where nothing is visible)."""
-        table = self.digit_table_on(visible.device)  # (V, ℓ)
-        ok = torch.ones(*visible.shape[:-1], self.vocab_size, dtype=torch.bool, device=visible.device)
-        for j in range(self.ell):
-            yj = visible[..., j, None]  # (…, 1)
-            ok &= (yj < 0) | (table[:, j] == yj)
-        return ok
+        Digits[c, j] = visible_j at every visible j (all classes where nothing is visible).
+
+        Computed as Σ_{j visible} Digits[c, j]·b^(ℓ-1-j) = Σ_{j visible} visible_j·b^(ℓ-1-j): one float64 matrix
+        product per 256 rows, exact (integers below b^ℓ ≤ 2^52), instead of ℓ passes over (…, V)."""
+        if self.num_codes > 2**52:  # beyond exact float64 integers: digit by digit
+            table = self.digit_table_on(visible.device)  # (V, ℓ)
+            ok = torch.ones(*visible.shape[:-1], self.vocab_size, dtype=torch.bool, device=visible.device)
+            for j in range(self.ell):
+                yj = visible[..., j, None]  # (…, 1)
+                ok &= (yj < 0) | (table[:, j] == yj)
+            return ok
+        key = ("float64", torch.device(visible.device))
+        if key not in self._tables:
+            self._tables[key] = self.digit_table.to(visible.device, torch.float64).T.contiguous()  # (ℓ, V)
+        table_t = self._tables[key]
+        flat = visible.reshape(-1, self.ell)  # (N, ℓ)
+        seen = (flat >= 0).double() * self.powers.to(visible.device, torch.float64)  # (N, ℓ) b^(ℓ-1-j) if visible
+        target = (flat.clamp_min(0).double() * seen).sum(1, keepdim=True)  # (N, 1)
+        ok = torch.empty(flat.shape[0], self.vocab_size, dtype=torch.bool, device=visible.device)
+        for s in range(0, flat.shape[0], 256):
+            ok[s:s + 256] = (seen[s:s + 256] @ table_t) == target[s:s + 256]
+        return ok.view(*visible.shape[:-1], self.vocab_size)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids (…, L) -> sub-token ids (…, L·ℓ), token-major."""

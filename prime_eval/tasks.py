@@ -56,7 +56,9 @@ class TaskSpec:
 
     name: lm-eval task name; builtin: its YAML, relative to `lm_eval/tasks/`; split: the split lm-eval evaluates
     (its `test_split`, else `validation_split`), which is also the file name expected under `--data-dir`;
-    hub: dataset id and config on the Hugging Face hub (for docs and messages); metrics: what the YAML reports.
+    hub: dataset id and config on the Hugging Face hub (for docs and messages); metrics: what the YAML reports;
+    data: the folder under `--data-dir` (default: the task's name; a built-in variant of a task, such as the
+    generative `boolq-seq2seq`, reads its task's files).
     """
 
     name: str
@@ -64,6 +66,11 @@ class TaskSpec:
     split: str
     hub: str
     metrics: tuple[str, ...]
+    data: str | None = None
+
+    @property
+    def folder(self) -> str:
+        return self.data or self.name
 
 
 _SPECS = [
@@ -85,6 +92,9 @@ _SPECS = [
     TaskSpec("anli_r3", "anli/anli_r3.yaml", "test_r3", "facebook/anli", ("acc",)),
     TaskSpec("truthfulqa_mc1", "truthfulqa/truthfulqa_mc1.yaml", "validation", "truthfulqa/truthful_qa (multiple_choice)",
              ("acc",)),
+    # generative (generate_until) built-ins over the same files
+    TaskSpec("boolq-seq2seq", "super_glue/boolq/seq2seq.yaml", "validation", "aps/super_glue (boolq)",
+             ("exact_match",), data="boolq"),
 ]
 TASKS: dict[str, TaskSpec] = {s.name: s for s in _SPECS}
 
@@ -143,7 +153,9 @@ def expand(names: Iterable[str], groups: dict[str, list[str]] | None = None) -> 
 
 def task_file(data_dir: str | Path, task: str, split: str | None = None) -> Path:
     """Where `--data-dir` mode expects `task`'s `split` (default: the evaluated split): `DIR/<task>/<split>.jsonl`."""
-    return Path(data_dir).expanduser().resolve() / task / f"{split or TASKS[task].split}.jsonl"
+    spec = TASKS.get(task)
+    folder = spec.folder if spec is not None else task
+    return Path(data_dir).expanduser().resolve() / folder / f"{split or TASKS[task].split}.jsonl"
 
 
 def _unknown(name: str, known: Iterable[str], where: str) -> UserError:

@@ -197,7 +197,7 @@ def test_errors(gpt2_tok):
     lm = MDMLM(model=net, tokenizer=gpt2_tok, samples=2)
     with pytest.raises(UserError, match="empty continuation"):
         lm.loglikelihood([Instance("loglikelihood", {}, ("Some context", ""), 0, ("t", 3, 0))])
-    with pytest.raises(UserError, match="not supported yet"):
+    with pytest.raises(UserError, match="max_gen_toks=256 leaves no room for the prompt in max_length=64"):
         lm.generate_until([Instance("generate_until", {}, ("a", {"until": ["\n"]}), 0, ("t", 0, 1))])
     with pytest.raises(UserError, match="unknown model argument"):
         MDMLM(model=net, tokenizer=gpt2_tok, temperature=0.5)
@@ -362,3 +362,46 @@ def test_bad_settings_fail_before_the_weights_are_read(monkeypatch, lit_checkpoi
         with pytest.raises(UserError) as e:
             MDMLM.create_from_arg_string(f"{base},{bad}", {"device": "cpu"})
         assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["hf", "lit_gpt"])
+def test_arm_runs_each_shared_context_once(kind, tiny_gpt2_dir, gpt2_tok):
+    """Issue 17: the choices of a document share one row (the context once, each continuation attending to it), so
+    the network sees each context once; the log-likelihoods equal the per-request rows' (pack=request) to float
+    precision, and pack=request is bit-identical for any batch size and order."""
+    from prime_eval.networks.lit_gpt import GPT, Config
+
+    if kind == "hf":
+        lm = ARMLM(checkpoint=str(tiny_gpt2_dir), device="cpu", rows_per_pass=4)
+    else:
+        torch.manual_seed(0)
+        net = GPT(Config(n_layer=2, n_embd=32, n_head=4, n_query_groups=2, intermediate_size=48, vocab_size=50257,
+                         block_size=256, rope_bf16=False))
+        lm = ARMLM(model=net, tokenizer=gpt2_tok, rows_per_pass=4)
+    reqs = []
+    for d, ctx in enumerate(["Question: where do cats sleep?\nAnswer:", "The sky is", "A long context " * 9]):
+        for j, cont in enumerate([" on the mat", " in a box of old shoes", " nowhere", " x"]):
+            reqs.append(Instance("loglikelihood", {}, (ctx, cont), j, ("doc", d, 1)))
+    shared = lm.loglikelihood(reqs)
+    n_ctx = [len(lm._encode_pair(*r.args)[0]) for r in reqs[::4]]
+    n_cont = [len(lm._encode_pair(*r.args)[1]) for r in reqs]
+    per_request = ARMLM(model=lm.net, tokenizer=lm.tokenizer, rows_per_pass=3, pack="request").loglikelihood(reqs)
+    for (a, ga), (b, gb) in zip(shared, per_request):
+        assert a == pytest.approx(b, abs=1e-5) and ga == gb
+    seen = []
+    orig = lm.net.forward_cached
+    lm.net.forward_cached = lambda idx, *a, **k: (seen.append(int(k["valid"].sum())), orig(idx, *a, **k))[1]
+    lm.loglikelihood(reqs)
+    del lm.net.forward_cached
+    assert sum(seen) == sum(n_ctx) + sum(n - 1 for n in n_cont) and len(seen) == 1  # 3 documents, one pass
+    import model_adapters.shared_context as S
+
+    S.MAX_SHARED_TOKENS, cap = 20, S.MAX_SHARED_TOKENS  # a document over several shared rows, or none
+    try:
+        split = lm.loglikelihood(reqs)
+    finally:
+        S.MAX_SHARED_TOKENS = cap
+    assert [a for a, _ in split] == pytest.approx([a for a, _ in per_request], abs=1e-5)
+    shuffled = [reqs[i] for i in (5, 0, 11, 3, 8, 1, 10, 2, 7, 4, 9, 6)]
+    again = ARMLM(model=lm.net, tokenizer=lm.tokenizer, rows_per_pass=64, pack="request").loglikelihood(shuffled)
+    assert [again[shuffled.index(r)] for r in reqs] == per_request

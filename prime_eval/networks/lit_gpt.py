@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from prime_eval.networks.kv_cache import KVCache, begin, cached_attention, rope_rows, through_blocks
 from prime_eval.subtokenizer import base_from_ell
 
 # name -> (n_layer, n_embd, n_head, intermediate_size, non-embedding params (blocks + ln_f) used upstream for FLOPs)
@@ -222,11 +223,22 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, causal: bool,
                 key_mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self.qkv(x, cos, sin)
+        return self.proj(grouped_attention(q, k, v, causal=causal, key_mask=key_mask))
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q (B, H, L, hs), k and v (B, g, L, hs), RoPE applied to the first `rope_n_elem` dims of q and k."""
         q, k, v = split_grouped_qkv(self.attn(x), self.n_head, self.n_query_groups, self.head_size)
         n = self.rope_n_elem
         q = torch.cat((apply_rope(q[..., :n], cos, sin), q[..., n:]), dim=-1)
         k = torch.cat((apply_rope(k[..., :n], cos, sin), k[..., n:]), dim=-1)
-        return self.proj(grouped_attention(q, k, v, causal=causal, key_mask=key_mask))
+        return q, k, v
+
+    def forward_cached(self, x, cos, sin, past, mask):
+        """New tokens x (B, L, d) over the cached slots (`prime_eval.networks.kv_cache`): (out, keys, values)."""
+        q, k, v = self.qkv(x, cos, sin)
+        y, k, v = cached_attention(q, k, v, past, mask, scale=1.0 / math.sqrt(self.head_size))
+        return self.proj(y), k, v
 
 
 def split_grouped_qkv(qkv: torch.Tensor, n_head: int, n_query_groups: int,
@@ -305,6 +317,11 @@ class Block(nn.Module):
         x = x + self.attn(self.norm_1(x), cos, sin, causal=causal, key_mask=key_mask)
         return x + self.mlp(self.norm_2(x))
 
+    def forward_cached(self, x, cos, sin, past, mask):
+        h, k, v = self.attn.forward_cached(self.norm_1(x), cos, sin, past, mask)
+        x = x + h
+        return x + self.mlp(self.norm_2(x)), k, v
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Networks
@@ -350,11 +367,29 @@ class _LitBase(nn.Module):
         key_mask = None if self.causal else padding_key_mask(attention_mask, x.device)
         for block in self.transformer.h:
             x = block(x, cos, sin, causal=self.causal, key_mask=key_mask)
-        x = self.transformer.ln_f(x)  # (B, L, d)
+        return self._logits(self.transformer.ln_f(x), logits_at)
+
+    def _logits(self, x: torch.Tensor, logits_at: torch.Tensor | None) -> torch.Tensor:
+        """Final hidden states (B, L, d) -> logits (B, L, V), or (N, V) at `logits_at`."""
         if logits_at is not None:
             x = x[logits_at.to(x.device)]  # (N, d)
         head = self.transformer.wte if self.config.tie_embeddings else self.lm_head
         return F.linear(x, head.weight[: self.vocab_size]).float()  # (B, L, V) | (N, V)
+
+    @torch.no_grad()
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache | None = None, *, valid: torch.Tensor | None = None,
+                       logits_at: torch.Tensor | None = None, explicit=None) -> tuple[torch.Tensor, KVCache]:
+        """`forward` over a key/value cache (the contract of `prime_eval.networks.kv_cache`; causal GPT only): new
+        tokens idx (B, L), valid (B, L) (False: padding), explicit (positions, mask) -> (logits, extended cache)."""
+        pos, mask, all_valid, length = begin(self, idx, cache, valid, explicit)
+        x = self.embed(idx)  # (B, L, d)
+        cfg = self.config
+        cos, sin = build_rope_cache(int(pos.max()) + 1, int(cfg.rotary_percentage * cfg.head_size),
+                                    base=cfg.rope_base, condense_ratio=cfg.condense_ratio, device=x.device,
+                                    round_bf16=cfg.rope_bf16)
+        cos, sin = rope_rows(cos, sin, pos)  # (B, 1, L, n/2)
+        x, keys, values = through_blocks(self.transformer.h, x, cos, sin, cache, mask)
+        return self._logits(self.transformer.ln_f(x), logits_at), KVCache(keys, values, all_valid, length)
 
 
 class GPT(_LitBase):

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from prime_eval.networks.kv_cache import KVCache, begin, cached_attention, rope_rows, through_blocks
 from prime_eval.subtokenizer import SubTokenizer, base_from_ell
 
 # hydra `configs/model/*.yaml`: name -> (hidden_size, n_blocks, n_heads, cond_dim, length)
@@ -180,6 +181,19 @@ class DDiTBlock(nn.Module):
         x = x + y
         return x + self.mlp(self.norm2(x))
 
+    def forward_cached(self, x, cos, sin, past, mask):
+        """The AR block (no adaLN) on new tokens x (B, L, d) over cached slots (`prime_eval.networks.kv_cache`);
+        cos/sin (B, 1, L, hs) at the tokens' positions. Returns (out, keys, values)."""
+        B, L, d = x.shape
+        H = self.n_heads
+        qkv = self.attn_qkv(self.norm1(x)).view(B, L, 3, H, d // H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, L, hs)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        y, k, v = cached_attention(q, k, v, past, mask)
+        x = x + self.attn_out(y)
+        return x + self.mlp(self.norm2(x)), k, v
+
 
 class DDitFinalLayer(nn.Module):
     def __init__(self, hidden_size: int, out_channels: int, cond_dim: int, *, adaln: bool = True):
@@ -268,6 +282,23 @@ class _DiTBase(nn.Module):
 
     def apply_carry_over(self, logits, idx, logits_at):  # overridden by PerceiverDIT
         return logits
+
+    @torch.no_grad()
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache | None = None, *, valid: torch.Tensor | None = None,
+                       logits_at: torch.Tensor | None = None, explicit=None) -> tuple[torch.Tensor, KVCache]:
+        """The AR's `forward` over a key/value cache (`prime_eval.networks.kv_cache`: new tokens idx (B, L) after the
+        cached ones, valid (B, L), explicit (positions, mask)) -> (logits, extended cache); DIT has none."""
+        pos, mask, all_valid, length = begin(self, idx, cache, valid, explicit)
+        x = self.embed(idx)  # (B, L, d)
+        cos, sin = self.rotary_emb(int(pos.max()) + 1, x.device)  # (P, hs)
+        cos, sin = rope_rows(cos.to(x.dtype), sin.to(x.dtype), pos)  # (B, 1, L, hs)
+        x, keys, values = through_blocks(self.blocks, x, cos, sin, cache, mask)
+        x = self.output_layer.pre_linear(x, None)
+        if logits_at is not None:
+            x = x[logits_at.to(x.device)]  # (N, d)
+        lin = self.output_layer.linear
+        logits = F.linear(x, lin.weight[: self.vocab_size], lin.bias[: self.vocab_size]).float()
+        return logits, KVCache(keys, values, all_valid, length)
 
 
 class DIT(_DiTBase):

@@ -30,12 +30,14 @@ are never targets; logits are returned over the V = 50257 real tokens only, so e
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from prime_eval.networks.kv_cache import KVCache, begin, cached_attention, rope_rows, through_blocks
 from prime_eval.networks.lit_gpt import (RMSNorm, apply_rope, build_rope_cache, grouped_attention, padding_key_mask,
                                          rms_norm, split_grouped_qkv)
 
@@ -144,12 +146,22 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, causal: bool,
                 key_mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self.qkv(x, cos, sin)
+        return self.linear_proj(grouped_attention(q, k, v, causal=causal, key_mask=key_mask))
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         q, k, v = split_grouped_qkv(self.linear_qkv(x), self.n_head, self.n_query_groups, self.head_size)
         q, k = self.q_layernorm(q), self.k_layernorm(k)  # (B, H, L, hs), (B, g, L, hs): over hs, before RoPE
         n = self.rotary_dim
         q = torch.cat((apply_rope(q[..., :n], cos, sin), q[..., n:]), dim=-1)
         k = torch.cat((apply_rope(k[..., :n], cos, sin), k[..., n:]), dim=-1)
-        return self.linear_proj(grouped_attention(q, k, v, causal=causal, key_mask=key_mask))
+        return q, k, v
+
+    def forward_cached(self, x, cos, sin, past, mask):
+        """New tokens x (B, L, d) over the cached slots (`prime_eval.networks.kv_cache`): (out, keys, values)."""
+        q, k, v = self.qkv(x, cos, sin)
+        y, k, v = cached_attention(q, k, v, past, mask, scale=1.0 / math.sqrt(self.head_size))
+        return self.linear_proj(y), k, v
 
 
 class MLP(nn.Module):
@@ -177,6 +189,11 @@ class TransformerLayer(nn.Module):
     def forward(self, x, cos, sin, *, causal: bool, key_mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attention(x, cos, sin, causal=causal, key_mask=key_mask)
         return x + self.mlp(x)
+
+    def forward_cached(self, x, cos, sin, past, mask):
+        h, k, v = self.self_attention.forward_cached(x, cos, sin, past, mask)
+        x = x + h
+        return x + self.mlp(x), k, v
 
 
 class TransformerBlock(nn.Module):
@@ -288,6 +305,23 @@ class _MegatronBase(nn.Module):
         if logits_at is not None:
             x = x[logits_at.to(x.device)]  # (N, d)
         return F.linear(x, self.output_weight()).float()  # (B, L, V) | (N, V)
+
+    @torch.no_grad()
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache | None = None, *, valid: torch.Tensor | None = None,
+                       logits_at: torch.Tensor | None = None, explicit=None) -> tuple[torch.Tensor, KVCache]:
+        """GPTModel: `forward` over a key/value cache, as in `prime_eval.networks.kv_cache` (idx (B, L) new tokens,
+        valid (B, L) False at padding, explicit (positions, mask) without a cache) -> (logits, extended cache)."""
+        pos, mask, all_valid, length = begin(self, idx, cache, valid, explicit)
+        x = self.embed(idx)  # (B, L, d)
+        cfg = self.config
+        cos, sin = build_rope_cache(int(pos.max()) + 1, cfg.rotary_dim, base=cfg.rotary_base, device=x.device,
+                                    round_bf16=False)
+        cos, sin = rope_rows(cos, sin, pos)  # (B, 1, L, n/2)
+        x, keys, values = through_blocks(self.block.layers, x, cos, sin, cache, mask)
+        x = self.block.final_layernorm(x)  # (B, L, d)
+        if logits_at is not None:
+            x = x[logits_at.to(x.device)]  # (N, d)
+        return F.linear(x, self.output_weight()).float(), KVCache(keys, values, all_valid, length)
 
 
 class GPTModel(_MegatronBase):
