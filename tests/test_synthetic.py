@@ -193,14 +193,14 @@ def test_distractor_pools_are_symmetric():
 
 
 def test_task_files_and_yaml(tmp_path, quick_data):
-    files = write_tasks(quick_data, tmp_path / "data", tmp_path / "yaml")
+    files = write_tasks(quick_data.tasks, tmp_path / "data", tmp_path / "yaml")
     for task, f in files.items():
         rows = [json.loads(line) for line in f.read_text().splitlines()]
         assert len(rows) == 40 and rows[0]["id"] == 0 and {"context", "choices", "gold"} <= set(rows[0])
         y = (tmp_path / "yaml" / f"{task}.yaml").read_text()
         assert f"task: {task}" in y and "output_type: multiple_choice" in y and str(f.resolve()) in y
     assert "doc_to_choice: choices" in task_yaml("synth_word", tmp_path / "x.jsonl")
-    p = write_heldout(quick_data, tmp_path / "heldout.jsonl")
+    p = write_heldout(quick_data.heldout, tmp_path / "heldout.jsonl")
     rows = [json.loads(line) for line in p.read_text().splitlines()]
     assert [r["text"] for r in rows] == quick_data.heldout.texts
     assert np.allclose([r["nll"] for r in rows], quick_data.heldout.nll)
