@@ -34,7 +34,7 @@ def test_language_is_well_formed(tiny):
         assert np.allclose(L.emit.sum(1), 1) and np.allclose(L.trans.sum(1), 1) and math.isclose(L.start.sum(), 1)
         assert (L.emit[L.start > 0, END] == 0).all()  # sentences start with a word
         assert (L.emit[:, END] > 0).any()
-    assert lang.n_symbols == 241 and lang.n_states == 40
+    assert lang.n_symbols == 97 and lang.n_states == 20
 
 
 def test_forward_matches_brute_force_on_short_sequences(tiny):

@@ -25,13 +25,14 @@ SKIP = re.compile(r"runs/lm_eval/.*/results_[^/]*\.json$")
 
 
 def comparable(obj, keys=VOLATILE_KEYS):
-    """`obj` (parsed JSON) without the volatile keys, at any depth, absolute paths replaced by "<path>"."""
+    """`obj` (parsed JSON) without the volatile keys, at any depth; absolute paths replaced by "<path>", lm-eval's file
+    dates by "<date>"."""
     if isinstance(obj, dict):
         return {k: comparable(v, keys) for k, v in obj.items() if k not in keys}
     if isinstance(obj, list):
         return [comparable(v, keys) for v in obj]
-    if isinstance(obj, str) and obj.startswith("/"):
-        return "<path>"
+    if isinstance(obj, str):
+        return "<path>" if obj.startswith("/") else DATE.sub("<date>", obj)
     return obj
 
 

@@ -89,8 +89,8 @@ def run_demo(out: str | Path = "reports/demo", *, cache_dir: str | Path | None =
     results = {}
     for fam in FAMILIES:
         console.print(f"scoring {LABELS[fam]} ...")
-        results[fam] = str(score_model(fam, art, settings, data_dir / "tasks", runs_dir / "lm_eval",
-                                       list(task_files)))
+        path = score_model(fam, art, settings, data_dir / "tasks", runs_dir / "lm_eval", list(task_files))
+        results[fam] = str(Path(path).resolve().relative_to(out.resolve()))  # inside --out, wherever that is
     timings["score"] = time.perf_counter() - t
 
     t = step(4, "bound perplexity of every estimator against the exact NLL")

@@ -54,9 +54,9 @@ class LanguageSpec:
     """Everything that determines the language (with `seed`)."""
 
     seed: int = 0
-    n_words: int = 240
-    n_classes: int = 10
-    n_states: int = 40
+    n_words: int = 96  # few enough that the demo's BPE (V = 512) makes almost every word one token
+    n_classes: int = 6
+    n_states: int = 20
     emit_support: int = 10  # words each state can emit
     emit_concentration: float = 0.6  # Dirichlet α of a state's word distribution (smaller = peakier)
     n_successors: int = 4  # sparse transitions
