@@ -1,5 +1,5 @@
-"""What `prime-eval ppl` shows: a rich progress bar fed by `evaluate_perplexity(progress=...)` (the library's
-`prime_eval.ppl_progress.PplProgressBar`, shared with the demo), and the summary table.
+"""What `prime-eval ppl` prints at the end: the summary table (its progress bar is the library's
+`prime_eval.ppl_progress.PplProgressBar`, shared with the demo).
 
     with PplProgressBar(console) as bar:
         result = evaluate_perplexity(..., progress=bar)
@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 from prime_eval import bound_kind as BK
-from prime_eval.ppl_progress import PplProgressBar  # noqa: F401  (the bar `prime-eval ppl` shows)
 
 
 def summary_table(result: dict):
