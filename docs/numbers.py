@@ -171,6 +171,22 @@ def demo_times() -> str:
     return f"{_duration(cold)} cold (models trained), {_duration(warm)} with the models cached"
 
 
+def _bench_output(script: str, *args: str) -> str:
+    """The printed output of `benchmarks/<script> args`, as a code block (benchmark figures are measured quotes)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PRIME_EVAL_DATA": str(DATA), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    r = subprocess.run([_python(), str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                       env=env, cwd=ROOT)
+    if r.returncode != 0:
+        raise RuntimeError(f"benchmarks/{script} {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return "\n```\n" + r.stdout.rstrip() + "\n```\n"
+
+
+# issue 17: the figures behind the diffusion defaults of `prime-eval score`, at two scales (benchmarks/common.py)
+VARIANCE_ARGS = {"demo": ("--scale", "demo"), "llama": ("--scale", "llama", "--docs", "8", "--repeats", "4",
+                                                        "--passes", "64")}
+ADAPTIVE_ARGS = {"demo": ("--scale", "demo", "--docs", "40"), "llama": ("--scale", "llama", "--docs", "16")}
+
 TIME_ROW = r"│ time .*│\n"
 
 QUOTES = {q.name: q for q in [
@@ -178,6 +194,10 @@ QUOTES = {q.name: q for q in [
     Quote("audit-rows", ("README.md",), "prime-eval audit --fast --json", audit_count),
     Quote("audit-times", ("README.md",), "prime-eval audit; prime-eval audit --fast", audit_times, measured=True),
     Quote("demo-times", ("README.md",), "prime-eval demo (cold, then cached)", demo_times, measured=True),
+    *[Quote(f"variance-{scale}", ("docs/adapters.md",), "python benchmarks/variance.py " + " ".join(a),
+            lambda a=a: _bench_output("variance.py", *a), measured=True) for scale, a in VARIANCE_ARGS.items()],
+    *[Quote(f"adaptive-{scale}", ("docs/adapters.md",), "python benchmarks/adaptive.py " + " ".join(a),
+            lambda a=a: _bench_output("adaptive.py", *a), measured=True) for scale, a in ADAPTIVE_ARGS.items()],
     Quote("ppl-sentence", ("README.md",), "the command in docs/perplexity.md (Measured example)", ppl_sentence),
     Quote("ppl-command", ("docs/perplexity.md",), "", ppl_command),
     Quote("ppl-table", ("docs/perplexity.md",), "the command in docs/perplexity.md (Measured example)", ppl_table,
