@@ -13,7 +13,8 @@ Prints each run's forward passes (network rows), their ratio to the fixed run's 
 reference's acc and acc_norm decisions it reproduces (target: the default reproduces at least as many as the fixed
 run), with the machine's load. `--also` adds other settings for comparison (`estimator=exact_count,cap=1024`).
 
-    .venv/bin/python benchmarks/adaptive.py [--scale demo|llama] [--docs 60] [--cap 1024] [--also SPEC ...]
+    .venv/bin/python benchmarks/adaptive.py [--scale demo|llama] [--docs 60] [--cap 1024] [--reference-samples 8192]
+                                            [--also SPEC ...]
 """
 from __future__ import annotations
 
@@ -112,6 +113,8 @@ def main() -> None:
     ap.add_argument("--config", default="Diff_LLaMA_6M", help="--scale llama: the Diff_LLaMA shape")
     ap.add_argument("--docs", type=int, default=60)
     ap.add_argument("--cap", type=int, default=1024, help="samples of the fixed run")
+    ap.add_argument("--reference-samples", type=int, default=REFERENCE["samples"],
+                    help="cap of the reference's adaptive rounds (samples per choice)")
     ap.add_argument("--also", nargs="*", default=[], help="more settings to compare, e.g. estimator=exact_count")
     ap.add_argument("--families", nargs="*", default=["mdm", "prime"])
     ap.add_argument("--quick", action="store_true", help="--scale demo: the demo's quick models")
@@ -127,14 +130,15 @@ def main() -> None:
           f"futility_after={defaults.futility_after}")
     for family in args.families:
         model = models[family]
-        ref = cached_score(model, family, instances, "reference", **REFERENCE)
+        reference = {**REFERENCE, "samples": args.reference_samples, "futility_after": args.reference_samples}
+        ref = cached_score(model, family, instances, "reference", **reference)
         fixed = cached_score(model, family, instances, f"fixed{args.cap}", estimator="mc", samples=args.cap,
                              adaptive=False, crn=False)
         ties = sorted(d for d, stop in ref["doc_stop"].items() if stop != "settled")
         print(f"\n{model.label}")
         print(f"reference: {ref['stops']}, {ref['samples'] / len(instances):.0f} samples/request, "
               f"{ref['seconds']:.0f} s{' (cached)' if ref['cached'] else ''}; near ties (unsettled at "
-              f"{REFERENCE['samples']}): {len(ties)}")
+              f"{args.reference_samples}): {len(ties)}")
         runs = [("fixed: mc, fresh seeds, " + str(args.cap), fixed), ("default", None)]
         runs += [(spec, None) for spec in args.also]
         n = len(ref["decisions"])
