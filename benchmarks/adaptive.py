@@ -3,9 +3,10 @@
 Per family (MDM, Prime), on real piqa documents, through the adapters (the code path of `prime-eval score`):
 
     reference  a high-precision ranking per document: `sqrt_count` with common random numbers, adaptive at z ≥ 3.89
-               (99.99%) in rounds of 64 up to 8,192 samples per choice, no futility stop. Computed once and cached
-               under $PRIME_EVAL_BENCH_CACHE/adaptive (default /tmp/prime-eval-bench). A document it leaves unsettled
-               at 8,192 samples is a near tie: a coin flip for every run, counted apart ("ties").
+               (99.99%) in rounds of 64 up to 2,048 samples per choice (a near tie, z below 1 even at 2,048, stops
+               after 512). Computed once and cached under $PRIME_EVAL_BENCH_CACHE/adaptive (default
+               /tmp/prime-eval-bench). A document it leaves unsettled is a near tie: a coin flip for every run,
+               counted apart ("ties").
     fixed      SMDM's protocol: mc, a fresh seed per request, 1,024 samples, no adaptivity (cached too).
     default    the defaults of `prime-eval score` (prime_eval.settings): its passes are the ones that count.
 
@@ -13,7 +14,7 @@ Prints each run's forward passes (network rows), their ratio to the fixed run's 
 reference's acc and acc_norm decisions it reproduces (target: the default reproduces at least as many as the fixed
 run), with the machine's load. `--also` adds other settings for comparison (`estimator=exact_count,cap=1024`).
 
-    .venv/bin/python benchmarks/adaptive.py [--scale demo|llama] [--docs 60] [--cap 1024] [--reference-samples 8192]
+    .venv/bin/python benchmarks/adaptive.py [--scale demo|llama] [--docs 24] [--cap 1024] [--reference-samples 2048]
                                             [--also SPEC ...]
 """
 from __future__ import annotations
@@ -31,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import BENCH_CACHE, DATA, SCALES, bench_models, load_uptime  # noqa: E402
 
 PASSES_TARGET = 0.10
-REFERENCE = {"estimator": "sqrt_count", "samples": 8192, "adaptive": True, "round_samples": 64,
-             "confidence": 0.9999, "futility_after": 8192}
+REFERENCE = {"estimator": "sqrt_count", "samples": 2048, "adaptive": True, "round_samples": 64,
+             "confidence": 0.9999, "futility_after": 512}
 
 
 def piqa_instances(n_docs: int):
@@ -111,7 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=SCALES, default="demo")
     ap.add_argument("--config", default="Diff_LLaMA_6M", help="--scale llama: the Diff_LLaMA shape")
-    ap.add_argument("--docs", type=int, default=60)
+    ap.add_argument("--docs", type=int, default=24)
     ap.add_argument("--cap", type=int, default=1024, help="samples of the fixed run")
     ap.add_argument("--reference-samples", type=int, default=REFERENCE["samples"],
                     help="cap of the reference's adaptive rounds (samples per choice)")
@@ -130,7 +131,7 @@ def main() -> None:
           f"futility_after={defaults.futility_after}")
     for family in args.families:
         model = models[family]
-        reference = {**REFERENCE, "samples": args.reference_samples, "futility_after": args.reference_samples}
+        reference = {**REFERENCE, "samples": args.reference_samples}
         ref = cached_score(model, family, instances, "reference", **reference)
         fixed = cached_score(model, family, instances, f"fixed{args.cap}", estimator="mc", samples=args.cap,
                              adaptive=False, crn=False)

@@ -185,7 +185,7 @@ def _bench_output(script: str, *args: str) -> str:
 # issue 17: the figures behind the diffusion defaults of `prime-eval score`, at two scales (benchmarks/common.py)
 VARIANCE_ARGS = {"demo": ("--scale", "demo"), "llama": ("--scale", "llama", "--docs", "8", "--repeats", "4",
                                                         "--passes", "64")}
-ADAPTIVE_ARGS = {"demo": ("--scale", "demo", "--docs", "40"), "llama": ("--scale", "llama", "--docs", "16")}
+ADAPTIVE_ARGS = {"demo": ("--scale", "demo"), "llama": ("--scale", "llama", "--docs", "8")}
 
 TIME_ROW = r"│ time .*│\n"
 

@@ -63,7 +63,7 @@ def test_prime_ell1_equals_mdm_exactly():
     prime_net = TinyDenoiser("prime", V, ell=1, base=V, seed=0)
     prime_net.load_state_dict(mdm_net.state_dict())
     st = SubTokenizer(V, ell=1)
-    for name in ("mc", "exact_count"):
+    for name in ("mc", "exact_count", "sqrt_count"):
         a = estimate(mdm_net, get_estimator("mdm", name, mask_id=V), x, target, _gen(5), 32)
         b = estimate(prime_net, get_estimator("prime", name, subtokenizer=st), x, target, _gen(5), 32)
         assert torch.equal(a.values, b.values)

@@ -18,7 +18,8 @@ digits (MDM-Prime v1). Both are valid bounds. Estimators:
                  masked sub-token, as V1 with carry-over). Optional CFG, temperature τ(t) = (1-temp)t + temp and
                  chunked masking "points/sizes" as in evaluate_prime.py. It is **not** an upper bound on NLL (it
                  misses the conditional total correlation among a token's masked sub-tokens): `is_bound = False`.
-With ℓ = 1 and π = id, `mc`, `exact_count` and `sqrt_count` reproduce the MDM estimators exactly (same seed, same draws).
+With ℓ = 1 and π = id, `mc`, `exact_count` and `sqrt_count` reproduce the MDM estimators exactly (same seed, same
+draws).
 """
 from __future__ import annotations
 
