@@ -183,8 +183,10 @@ def _bench_output(script: str, *args: str) -> str:
 
 
 # issue 17: the figures behind the diffusion defaults of `prime-eval score`, at two scales (benchmarks/common.py)
-VARIANCE_ARGS = {"demo": ("--scale", "demo"), "llama": ("--scale", "llama", "--docs", "8", "--repeats", "4",
-                                                        "--passes", "64")}
+VARIANCE_ARGS = {"demo": ("--scale", "demo", "--docs", "10", "--repeats", "6", "--passes", "32", "--estimators",
+                          "exact_count", "sqrt_count"),
+                 "llama": ("--scale", "llama", "--docs", "6", "--repeats", "4", "--passes", "32", "--estimators",
+                           "exact_count", "sqrt_count")}
 ADAPTIVE_ARGS = {"demo": ("--scale", "demo"), "llama": ("--scale", "llama", "--docs", "8")}
 
 TIME_ROW = r"│ time .*│\n"
