@@ -130,7 +130,7 @@ def _kill_when_cached(cmd: list[str], env, cache: Path, at_least: int) -> int:
     return n
 
 
-def test_score_killed_and_resumed(env, reference):
+def test_score_killed_and_resumed(env, reference, capsys):
     d = env["dir"]
     cache, out = d / "score_cache", d / "resumed_score"
     # small chunks (8 forward rows: one document's round) so that the SIGKILL lands mid-run; adaptive sampling is on
@@ -140,7 +140,10 @@ def test_score_killed_and_resumed(env, reference):
                                                                 margs_extra=",chunk_rows=8")]
     stored = _kill_when_cached(cmd, env, cache, 5)
     assert not list(out.glob("*/results_*.json"))  # nothing half-written: no results yet
+    capsys.readouterr()
     assert cli_main(score_args(env, out, "--cache-dir", str(cache), margs_extra=",chunk_rows=8")) == 0
+    # the reader is told the run resumed, and how much of it was reused
+    assert f"{stored} of {N_REQUESTS} requests were already stored (resumed)" in capsys.readouterr().err
     got = score_outputs(out)
     assert got["info"]["cache"]["hits"] == stored  # every stored request was reused ...
     assert got["info"]["cache"]["computed"] == N_REQUESTS - stored  # ... and only the others were computed

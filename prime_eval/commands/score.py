@@ -205,9 +205,27 @@ def main(args: argparse.Namespace) -> int:
     if out is None:  # not rank 0
         return 0
     Console().print(results_table(out.results))
+    for line in run_notes(out.results):
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
     for path in out.written:
         err.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
     return 0
+
+
+def run_notes(results: dict) -> list[str]:
+    """What a reader of the table should know about how it was computed: requests served by the resumable cache,
+    left-truncated requests (from `config.prime_eval` of lm-eval's results)."""
+    pe = (results.get("config") or {}).get("prime_eval") or {}
+    notes = []
+    cache = pe.get("cache") or {}
+    if cache.get("hits"):
+        total = cache["hits"] + cache.get("computed", 0)
+        notes.append(f"cache {cache.get('dir')}: {cache['hits']} of {total} requests were already stored (resumed), "
+                     f"{cache.get('computed', 0)} computed")
+    if pe.get("truncated_requests"):
+        notes.append(f"{pe['truncated_requests']} requests were left-truncated to max_length "
+                     f"({pe.get('truncated_tokens', 0)} tokens dropped; per request in stats_*.jsonl)")
+    return notes
 
 
 def _default_device() -> str | None:
