@@ -134,6 +134,16 @@ def load_model(family: str, settings: Settings, *, network=None, tokenizer=None,
                        tokenizer_spec=None if tok_spec is None else str(tok_spec), info=info, identity=identity)
 
 
+def _beside_checkpoint(checkpoint, name: str) -> Path | None:
+    """`name` in the checkpoint's folder (or the folder of a checkpoint file), if it is there: a hint, never used
+    unasked (a wrong π gives wrong numbers silently)."""
+    if not checkpoint or not Path(checkpoint).exists():
+        return None
+    p = Path(checkpoint)
+    cand = (p if p.is_dir() else p.parent) / name
+    return cand if cand.is_file() else None
+
+
 def _prime_parts(net, info: dict, s: Settings, perm) -> tuple:
     """The sub-tokenizer f_ℓ∘π, its permutation's source and the carry-over flag of a Prime network.
 
@@ -149,9 +159,11 @@ def _prime_parts(net, info: dict, s: Settings, perm) -> tuple:
         perm, source = resolve_permutation(s.permutation, net.base ** net.ell, saved=saved)
     else:
         if s.permutation is None and info.get("needs_permutation"):
+            name = info.get("permutation")
+            beside = _beside_checkpoint(s.checkpoint, name) if name else None
             raise UserError(f"this checkpoint was trained on shuffled ids: pass permutation=FILE "
-                            f"({info.get('permutation') or 'perm_<b^ℓ>.pt from the release'}), or "
-                            "permutation=identity to score without one")
+                            f"({f'{beside} is next to the checkpoint' if beside else name or 'perm_<b^ℓ>.pt'}"
+                            f"{'' if beside else ' from the release'}), or permutation=identity to score without one")
         if perm is not None:
             check_permutation(perm, net.base ** net.ell, source=f"permutation file {s.permutation}")
         source = "identity" if perm is None else str(s.permutation)

@@ -140,3 +140,21 @@ def test_ppl_cli_one_vocabulary(ckpts, shared_data, tmp_path):
     arm = f"checkpoint={tmp_path / 'arm.pth'},tokenizer={ckpts['tok']},config={CFG},device=cpu"
     assert main([*common, "--model", "arm", "--model_args", arm, "-o", str(tmp_path / "arm.json")]) == 0
     assert json.loads((tmp_path / "arm.json").read_text())["protocol"]["eps"] is None  # as before: no time
+
+
+def test_release_folder_with_its_permutation_file(ckpts, tmp_path):
+    """A folder holding the weights and the release's `perm_<b^ℓ>.pt`: the permutation file is not taken for a second
+    weight file, and a missing permutation= names the file beside the checkpoint (never used unasked)."""
+    import shutil
+
+    folder = tmp_path / "release"
+    folder.mkdir()
+    shutil.copy(ckpts["dir"] / "prime.pth", folder / "prime.pth")
+    shutil.copy(ckpts["dir"] / "p0.pt", folder / f"perm_{15 ** 4}.pt")
+    values = _values(ckpts, checkpoint=str(folder))
+    del values["permutation"]
+    with pytest.raises(UserError, match=rf"perm_{15 ** 4}\.pt is next to the checkpoint"):
+        load_model("prime", Settings.parse(values, family="prime"))
+    b = load_model("prime", Settings.parse({**values, "permutation": str(folder / f"perm_{15 ** 4}.pt")},
+                                           family="prime"))
+    assert b.identity["permutation"] == "shuffled"

@@ -165,6 +165,7 @@ def _read_hf_dir(path: str) -> Source:
     return src
 
 
+PERMUTATION_FILE = re.compile(r"^perm_[\d._]+\.pt$")  # perm_512.pt, perm_1.0_65536.pt (index shuffling π)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # `org/name` or a legacy single name (`gpt2`)
 
 
@@ -179,7 +180,8 @@ def read(path: str | os.PathLike) -> Source:
     if p.is_dir():
         if (p / "config.json").exists():
             return _read_hf_dir(path)
-        weights = [q for q in p.iterdir() if q.is_file() and q.name.endswith(WEIGHT_SUFFIXES)]
+        weights = [q for q in p.iterdir() if q.is_file() and q.name.endswith(WEIGHT_SUFFIXES)
+                   and not PERMUTATION_FILE.match(q.name)]  # a release's perm_*.pt beside the weights is not one
         if len(weights) == 1:
             return read(weights[0])
         raise UserError(f"{path} is a directory without config.json and with {len(weights)} weight files; "
