@@ -170,9 +170,11 @@ def test_one_row_per_estimator_setting(built):
 
 
 def test_identical_rerun_with_equal_numbers_is_merged(built):
-    """arm-tiny-b-rerun (same configuration, same numbers on arc_easy) joins the arm-tiny-b row, with no note."""
+    """arm-tiny-b-rerun (same configuration, same numbers on arc_easy) joins the arm-tiny-b row; a note names both
+    files, so that the reader knows the row stands for two runs."""
     col = rp.load([RUNS / "arm-tiny-b", RUNS / "arm-tiny-b-rerun"], {})
-    assert len(col.runs) == 1 and len(col.runs[0].sources) == 2 and not col.notes
+    assert len(col.runs) == 1 and len(col.runs[0].sources) == 2
+    assert len(col.notes) == 1 and "arm-tiny-b-rerun/" in col.notes[0] and "shown as one row" in col.notes[0]
     assert "arm-tiny-b (" not in (built / "report.md").read_text()
 
 
@@ -204,7 +206,8 @@ def test_identical_rerun_with_different_numbers_is_shown_twice(tmp_path):
     assert sorted(values.values()) == pytest.approx([0.5, 0.55])
     # equal numbers: one row
     col = rp.load([_rerun(tmp_path / "b", 0.0)], {})
-    assert len(col.runs) == 1 and col.runs[0].display == "mdm-tiny" and not col.notes
+    assert len(col.runs) == 1 and col.runs[0].display == "mdm-tiny"
+    assert [n for n in col.notes if "shown as one row" not in n] == []
 
 
 def test_other_settings_label_rows_apart(tmp_path):
@@ -421,7 +424,7 @@ def test_ppl_rows_one_per_file(tmp_path):
     shutil.copy(RUNS / "ppl" / "prime-tiny-k2.json", tmp_path / "k2.json")
     col = rp.load([tmp_path], {})
     assert sorted(r.display for r in col.ppl) == ["prime-tiny (elbo, K=2)", "prime-tiny (elbo, K=8)"]
-    assert not col.notes
+    assert col.notes == ["prime-tiny: b.json repeats a.json (identical configuration and numbers): shown as one row"]
     obj = json.loads(src.read_text())
     obj["results"]["nll"] += 0.01
     (tmp_path / "b.json").write_text(json.dumps(obj))
@@ -553,6 +556,19 @@ def test_mc_note_without_samples_log(tmp_path):
     assert str(acc.rows[0][1]) == "prime-tiny[a]" and "no lm-eval samples log" in acc.notes["a"]
     assert all(r["se_mc"] is None for r in acc.records)
     assert len(rep.tables) == 1  # a single row: no paired table
+
+
+def test_no_empty_paired_table_without_samples_logs(tmp_path):
+    """Two likelihood runs without samples logs: no paired table with a header and no rows, but a note that says
+    what it needs."""
+    for name in ("prime-tiny", "mdm-tiny"):
+        (tmp_path / name).mkdir()
+        for f in (RUNS / name).iterdir():
+            if not f.name.startswith("samples_"):
+                shutil.copy(f, tmp_path / name / f.name)
+    rep = rp.build(rp.load([tmp_path], {}))
+    assert [t for t in rep.tables if "Paired" in t.title] == []
+    assert any("no paired comparisons" in n and "--log_samples" in n for n in rep.notes)
 
 
 def test_report_never_imports_torch(tmp_path):

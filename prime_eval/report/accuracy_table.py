@@ -20,14 +20,13 @@ from dataclasses import dataclass
 
 from prime_eval import bound_kind as BK
 from prime_eval.intervals import binomial_se, mean_proportion_interval, normal_interval, wilson_interval
-from prime_eval.report.conventions import (FAMILY_LABEL, MIXED_N, NO_AVG, NO_METRIC, NOT_RUN, PROPORTION_METRICS,
+from prime_eval.report.conventions import (FAMILY_LABEL, LOG_SAMPLES_HINT, MIXED_N, NO_AVG, NO_METRIC, NOT_RUN, PROPORTION_METRICS,
                                            task_label)
 from prime_eval.report.mc_error import mc_variance
 from prime_eval.report.table_model import Cell, Notes, Table, bold_best, fmt_interval, fmt_params, with_notes
 
 DETERMINISTIC_KINDS = (BK.EXACT, BK.EXACT_LEFT_TO_RIGHT)  # exact values: no Monte Carlo error by definition
-NO_SAMPLES_LOG = ("MC error not included: per-request statistics found but no lm-eval samples log "
-                  "(run lm-eval with --log_samples)")
+NO_SAMPLES_LOG = f"MC error not included: per-request statistics found but no lm-eval samples log ({LOG_SAMPLES_HINT})"
 NO_STATS = "MC error not included: no per-request statistics (stats_<task>_<date>.jsonl) found"
 NOT_BINARY = "MC error not included: {metric} is not a 0/1 outcome per document in the samples log"
 UNKNOWN_GOLD = ("MC term bounded from above for {k} document(s) whose gold answer is not in the samples log "

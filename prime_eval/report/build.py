@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from prime_eval.errors import UserError
 from prime_eval.report.accuracy_table import CAPTION, accuracy_table
-from prime_eval.report.conventions import choose_metric, order_tasks
+from prime_eval.report.conventions import LOG_SAMPLES_HINT, choose_metric, order_tasks
 from prime_eval.report.documents import doc_data
-from prime_eval.report.paired_table import paired_table
+from prime_eval.report.paired_table import paired_runs, paired_table
 from prime_eval.report.perplexity_table import perplexity_tables
 from prime_eval.report.table_model import Report, sorted_runs
 
@@ -52,12 +52,20 @@ def build(collection, *, metric_override: dict | None = None, baseline: str | No
     if baseline and not any(baseline in (r.name, r.display, r.base) for r in like):
         raise UserError(f"--baseline {baseline!r} is not a likelihood-based model of this report "
                         f"(models: {', '.join(r.display for r in like)})")
+    notes = list(collection.notes)
     if len(like) >= 2:
-        tables.append(paired_table(like, order_tasks(t for r in like for t in r.tasks), metric, docs, baseline))
+        like_tasks = order_tasks(t for r in like for t in r.tasks)
+        usable = {id(r) for r in paired_runs(like, like_tasks, docs)}
+        if len(usable) >= 2:
+            tables.append(paired_table(like, like_tasks, metric, docs, baseline))
+        else:  # never an empty table: say what it needs
+            without = [r.display for r in like if id(r) not in usable]
+            notes.append(f"no paired comparisons: they need the per-document outcomes of at least two runs, and "
+                         f"{', '.join(without)} have no lm-eval samples log ({LOG_SAMPLES_HINT})")
     tables += perplexity_tables(collection.ppl)
     if not tables:
         skipped = [n for n in collection.notes if n.startswith("skipped ")]
         raise UserError("no lm-eval results and no perplexity JSONs found in the given paths"
                         + ("".join(f"; {n}" for n in skipped) + " (a half-written file: rerun that evaluation)"
                            if skipped else ""))
-    return Report(title=title, tables=tables, notes=list(collection.notes))
+    return Report(title=title, tables=tables, notes=notes)

@@ -38,6 +38,7 @@ FAMILY_LABEL = {"arm": "ARM", "mdm": "MDM", "prime": "MDM-Prime", "other": "Othe
 FORMATS = ("md", "csv", "tex", "html")
 
 # Footnote texts (one place, so the renderers and tests agree).
+LOG_SAMPLES_HINT = "rerun `prime-eval score` (or lm-eval) with --log_samples"  # what per-document tables need
 NOT_RUN = "task not run for this model"
 FAILED = "run failed: {what} on disk but no results JSON reports this task"
 INCOMPATIBLE = ("incompatible lm-eval version in {src}: metric keys lack the ',none' filter suffix that lm-eval 0.4+ "

@@ -226,6 +226,8 @@ def _merge(records: list, notes: list) -> list:
         diffs = {id(row): _differences(row, rec) for row in same}
         into = next((row for row in same if not diffs[id(row)]), None)
         if into is not None:
+            notes.append(f"{rec.base}: {_sources(rec)} repeats {_sources(into)} (identical configuration and "
+                         "numbers): shown as one row")
             _absorb(into, rec)
             continue
         for row in same:

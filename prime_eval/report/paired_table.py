@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from prime_eval.intervals import normal_interval, paired_difference_interval
-from prime_eval.report.conventions import task_label
+from prime_eval.report.conventions import LOG_SAMPLES_HINT, task_label
 from prime_eval.report.mc_error import mc_variance
 from prime_eval.report.table_model import Cell, Notes, Table, fmt_interval
 
@@ -56,12 +56,17 @@ def _pairs(runs: list, baseline: str | None) -> list[tuple]:
     return [(b, a) if is_base(a) else (a, b) for a, b in pairs if is_base(a) or is_base(b)]
 
 
+def paired_runs(runs: list, tasks: list[str], docs: dict) -> list:
+    """The runs a paired comparison can use: those with a samples log (per-document outcomes) for some task."""
+    return [r for r in runs if any(docs.get((id(r), t)) is not None for t in tasks)]
+
+
 def paired_table(runs: list, tasks: list[str], metric: dict, docs: dict, baseline: str | None) -> Table:
     """All pairs of `runs` (or each against `baseline`); `docs`: (id(run), task) -> DocData | None."""
     notes = Notes()
     header = ["Model A", "Model B"] + [f"{task_label(t)} ({metric[t]})" for t in tasks]
     rows, records = [], []
-    runs = [r for r in runs if any(docs.get((id(r), t)) is not None for t in tasks)]  # needs samples logs
+    runs = paired_runs(runs, tasks, docs)  # needs samples logs
     for a, b in _pairs(runs, baseline):
         row = [a.display, b.display]
         for t in tasks:
@@ -72,7 +77,7 @@ def paired_table(runs: list, tasks: list[str], metric: dict, docs: dict, baselin
                 who = [r.display for r, d in ((a, da), (b, db)) if d is None]
                 reason = (f"no result for {', '.join(who)}" if any(t not in r.tasks or r.tasks[t].status != "ok"
                                                                      for r in (a, b))
-                          else f"no lm-eval samples log for {', '.join(who)} (run lm-eval with --log_samples)")
+                          else f"no lm-eval samples log for {', '.join(who)} ({LOG_SAMPLES_HINT})")
                 row.append(Cell(note=notes(reason)))
                 records.append({**rec, "reason": reason})
                 continue
