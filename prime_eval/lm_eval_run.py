@@ -259,6 +259,29 @@ class RunOutput:
     results_file: Path | None
 
 
+@contextmanager
+def _quiet_git_hash():
+    """lm-eval records `git describe` of the working directory as `git_hash`; outside a git repository git prints
+    "fatal: not a git repository" to the terminal. The same value, with git's stderr discarded."""
+    import subprocess
+
+    import lm_eval.evaluator as ev
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    def git_hash():
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return get_commit_from_path(os.getcwd())  # lm-eval's own fallback
+
+    original = ev.get_git_commit_hash
+    ev.get_git_commit_hash = git_hash
+    try:
+        yield
+    finally:
+        ev.get_git_commit_hash = original
+
+
 def run(lm: LM, plan: TaskPlan, *, model: str, model_args: str = "", output_path: str | Path | None = None,
         display_name: str | None = None, log_samples: bool = False, num_fewshot: int | None = None,
         batch_size: Any = None, max_batch_size: Any = None, device: str | None = None, use_cache: str | None = None,
@@ -277,7 +300,7 @@ def run(lm: LM, plan: TaskPlan, *, model: str, model_args: str = "", output_path
     from lm_eval.utils import sanitize_model_name
 
     tracker = EvaluationTracker(output_path=None if output_path is None else str(output_path))
-    with _gather_in_document_order(lm):
+    with _gather_in_document_order(lm), _quiet_git_hash():
         results = lm_eval.simple_evaluate(
             model=lm, model_args=model_args, tasks=plan.objects, task_manager=plan.task_manager,
             num_fewshot=num_fewshot, batch_size=batch_size, max_batch_size=max_batch_size, device=device,

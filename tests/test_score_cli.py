@@ -189,3 +189,19 @@ def test_model_spec_checks_arguments_without_building(monkeypatch):
     monkeypatch.setattr(cls, "check_model_args", staticmethod(check), raising=False)
     with pytest.raises(UserError, match=r"bad arguments \['checkpoint', 'device'\]"):
         R.model_spec("prime_eval_test_hook", "checkpoint=a.pt", device="cpu")
+
+
+def test_no_git_noise_outside_a_repository(tmp_path, monkeypatch, capfd):
+    """lm-eval's `git describe` of the working directory printed "fatal: not a git repository" to the terminal of a
+    user scoring from an ordinary folder; the run records the same value (None there) without the noise."""
+    import lm_eval.evaluator as ev
+
+    from prime_eval.lm_eval_run import _quiet_git_hash
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    with _quiet_git_hash():
+        assert ev.get_git_commit_hash() is None
+    assert "fatal" not in capfd.readouterr().err
+    ev.get_git_commit_hash()  # lm-eval's own, restored: the noise this test guards against
+    assert "not a git repository" in capfd.readouterr().err

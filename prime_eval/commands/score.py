@@ -220,7 +220,7 @@ def run_notes(results: dict) -> list[str]:
     cache = pe.get("cache") or {}
     if cache.get("hits"):
         total = cache["hits"] + cache.get("computed", 0)
-        notes.append(f"cache {cache.get('dir')}: {cache['hits']} of {total} requests were already stored (resumed), "
+        notes.append(f"--cache-dir {cache.get('dir')}: {cache['hits']} of {total} requests were already stored (resumed), "
                      f"{cache.get('computed', 0)} computed")
     if pe.get("truncated_requests"):
         notes.append(f"{pe['truncated_requests']} requests were left-truncated to max_length "
