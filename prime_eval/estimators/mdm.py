@@ -73,10 +73,7 @@ class MDMEstimator:
              u: torch.Tensor | None = None) -> MaskDraw:
         """K mask sets over the n target positions from `self.sampler` (`estimators.sampler`): the per-sample
         uniforms u (K,) are drawn from `generator` unless given (`ppl` gives its block-stratified u)."""
-        n = int(torch.as_tensor(target, dtype=torch.bool).sum())
-        if n == 0:
-            raise UserError("empty continuation: there is nothing to score")
-        return self.sampler.draw(generator, num_samples, n, u=u)
+        return self.sampler.draw_for(target, generator, num_samples, u=u)
 
     def rows(self, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None, num_samples: int, *,
              u: torch.Tensor | None = None) -> Rows:

@@ -212,6 +212,15 @@ class MaskSampler:
         """Whether the draw has one uniform u_k per sample (a time or a count), which a caller may supply."""
         return self.scheme in ("independent", "exact_count", "sqrt_count", "chunked")
 
+    def draw_for(self, target: torch.Tensor, generator: torch.Generator | None, k: int, *, units_per_token: int = 1,
+                 u: torch.Tensor | None = None) -> MaskDraw:
+        """K mask sets over the maskable units of a continuation: n target tokens × `units_per_token` (ℓ sub-tokens
+        for Prime, 1 for MDM); an empty continuation is a UserError."""
+        n = int(torch.as_tensor(target, dtype=torch.bool).sum())
+        if n == 0:
+            raise UserError("empty continuation: there is nothing to score")
+        return self.draw(generator, k, n * units_per_token, u=u)
+
     def draw(self, generator: torch.Generator | None, k: int, n: int, u: torch.Tensor | None = None) -> MaskDraw:
         """K samples over n positions: u (stratified from `generator`, unless given), then v from `generator`."""
         if self.scheme == "left_to_right":
