@@ -53,7 +53,8 @@ def test_quick_demo_end_to_end(demo_run):
     out, cache, s = demo_run
     for name in ("report.md", "report.html", "report.tex", "demo.json", "demo_accuracy.csv", "demo_entropy.csv",
                  "accuracy.csv", "perplexity.csv", "plots/demo_accuracy.png", "plots/demo_bounds.png",
-                 "data/heldout.jsonl", "data/synth_word/test.jsonl", "data/tasks/synth_order.yaml"):
+                 "data/heldout.jsonl", "data/synth_word/test.jsonl", "data/tasks/synth_order.yaml",
+                 "demo_generation.csv", "data/synth_complete/test.jsonl", "data/tasks/synth_complete.yaml"):
         assert (out / name).is_file(), name
     md = (out / "report.md").read_text()
     # the point first: bounds against H, then accuracy, then the audit with its oracle rows
@@ -416,6 +417,60 @@ def test_the_ppl_progress_goes_through_the_callback(demo_run):
     bound_vs_entropy(art, settings, data, out / "ppl-again", progress_bar=Bar)
     assert len(seen) == 7 and "MDM-Prime-v2 · legacy_joint" in seen
     assert all(v[-1] == settings.n_heldout for v in seen.values())
+
+
+@pytest.mark.slow
+def test_the_demo_reports_generation_against_the_true_language(demo_run):
+    """Every family completes the synthetic sentences through lm-eval's generate_until (greedy and temperature 1);
+    the report's generation table sits between the accuracy table and the audit; every answer of the samples files
+    is scored (none dropped) and its true log-likelihood recomputed from the text matches demo.json; the sampler
+    settings are recorded."""
+    import math
+
+    from prime_eval.demo.generation import generation_settings
+    from prime_eval.synthetic import Language
+    from prime_eval.synthetic.generative import generated_log_prob
+
+    out, _, s = demo_run
+    md = (out / "report.md").read_text()
+    i, j, k = (md.index(t) for t in ("Accuracy against the Bayes-optimal answer", "Generation against the true "
+                                     "language", "Exact audit: oracle networks"))
+    assert i < j < k
+    g = s["generation"]
+    gs = generation_settings(quick=True)
+    assert g["settings"]["max_gen_toks"] == gs.max_gen_toks and g["truth"]["docs"] == gs.n_items
+    assert (out / "data" / "tasks" / "synth_complete_t1.yaml").is_file()
+    from prime_eval.demo import default_settings
+
+    lang = Language.from_spec(default_settings(0, quick=True).language)
+    items = {json.loads(x)["id"]: json.loads(x) for x in
+             (out / "data" / "synth_complete" / "test.jsonl").read_text().splitlines()}
+    rows = {r["family"]: r for r in g["rows"]}
+    assert sorted(rows) == ["arm", "mdm", "prime"]
+    for fam, r in rows.items():
+        for mode, task in (("greedy", "synth_complete"), ("sampled", "synth_complete_t1")):
+            res = r[mode]
+            assert res["answers"] == gs.n_items * (1 if mode == "greedy" else gs.repeats)
+            assert 0 <= res["invalid"] <= res["answers"] and res["passes_per_token"] > 0
+            for key in ("em_bayes", "em_realised", "invalid_frac"):
+                lo, hi = res[f"{key}_ci95"]
+                assert 0.0 <= lo <= res[key] <= hi <= 1.0
+            [samples] = (out / "generation" / f"{fam}-demo-{mode}").glob(f"samples_{task}_*.jsonl")
+            nll, invalid = [], 0
+            for line in samples.read_text().splitlines():
+                x = json.loads(line)
+                lp = generated_log_prob(lang, items[x["doc"]["id"]]["context"], x["resps"][0][0])
+                invalid += lp == -math.inf
+                nll += [] if lp == -math.inf else [-lp]
+            assert invalid == res["invalid"]
+            if nll:
+                assert res["nll_valid"] == pytest.approx(sum(nll) / len(nll), rel=1e-9)
+            cfg = json.loads(next((out / "generation" / f"{fam}-demo-{mode}").glob("results_*.json")).read_text())
+            gen = cfg["config"]["prime_eval"]["generation"]
+            for key, value in gs.model_args(fam, mode).items():
+                assert gen[key] == value, (fam, mode, key)
+    rows_csv = (out / "demo_generation.csv").read_text().splitlines()
+    assert len(rows_csv) == 1 + 6
 
 
 def test_cli_registers_demo():

@@ -211,3 +211,89 @@ def test_corpus_streams_are_independent(tiny):
     b = make_corpus(tiny, 50, seed=0, stream=2)
     assert a.texts != b.texts
     assert make_corpus(tiny, 50, seed=0, stream=1).texts == a.texts
+
+
+# -- the generative task (prime_eval.synthetic.generative) --------------------------------------------------------
+
+
+def _answers_by_brute_force(lang: Language, ctx: list[int], n_max: int) -> tuple[dict, float]:
+    """log p(a, "." | ctx) of every answer of at most n_max words, by summing over hidden paths
+    (`brute_force_log_prob`), and a bound on the probability of any longer answer: the largest probability of its
+    first n_max + 1 words (forward algorithm, itself checked against brute force above)."""
+    base = lang.brute_force_log_prob(ctx)
+    words = range(1, lang.n_symbols)
+    out = {}
+    for n in range(n_max + 1):
+        for a in itertools.product(words, repeat=n):
+            out[a] = lang.brute_force_log_prob([*ctx, *a, END]) - base
+    longer = max(math.exp(lang.cond_log_prob(ctx, a)) for a in itertools.product(words, repeat=n_max + 1))
+    return out, longer
+
+
+def test_completion_bayes_answer_and_true_likelihood_match_brute_force(tiny):
+    """The MAP completion (best-first search) and log p(answer, "." | context) (forward algorithm) against brute-force
+    enumeration of every answer and every hidden path; invalid text is −inf."""
+    from prime_eval.synthetic.generative import answer_log_prob, generated_log_prob, map_answer
+
+    checked = impossible = 0
+    for ctx in ([1], [2], [4, 2], [3, 3, 5]):
+        if tiny.log_prob(ctx) == -math.inf:
+            continue
+        alpha, _ = tiny.forward(ctx)
+        brute, longer = _answers_by_brute_force(tiny, ctx, 2)
+        best = max(brute, key=lambda a: (brute[a], [-x for x in a]))
+        if math.exp(brute[best]) <= longer:  # a longer answer might beat the enumeration's best: not decided here
+            continue
+        words, lp = map_answer(tiny, alpha)
+        assert lp == pytest.approx(brute[best], abs=1e-12)
+        assert brute[words] == pytest.approx(lp, abs=1e-12)
+        for a, blp in brute.items():
+            got = answer_log_prob(tiny, alpha, a)
+            assert (got == blp == -math.inf) or got == pytest.approx(blp, abs=1e-10)
+            text = "".join(" " + tiny.words[w] for w in a) + "."
+            gen = generated_log_prob(tiny, tiny.render(ctx), text + " anything after")
+            assert gen == got == -math.inf or gen == pytest.approx(got, abs=1e-10)
+            impossible += got == -math.inf  # real words the automaton cannot emit here: invalid too
+        checked += 1
+    assert checked >= 3 and impossible > 0
+    ctx = tiny.render([1])
+    for bad in ("", " " + tiny.words[2], " " + tiny.words[2] + " .", "  " + tiny.words[2] + ".", " zzzq.",
+                tiny.words[2] + "."):
+        assert generated_log_prob(tiny, ctx, bad) == -math.inf, repr(bad)
+
+
+def test_completion_task_realised_answers_follow_the_true_conditional(tiny):
+    """Contexts are chosen without looking at the continuation, so the realised answer is a draw from p(· | context):
+    the Bayes answer matches it as often as its probability says (mean of exp(bayes_logp)), within 4 SE; and every
+    item's numbers are those of the language."""
+    from prime_eval.synthetic.generative import completion_summary, make_completion_task, parse_answer
+
+    docs = make_corpus(tiny, 4000, 0, stream=4).docs
+    items = make_completion_task(tiny, docs, 0, limit=1500, min_context=1, max_context=4)
+    assert len(items) == 1500
+    s = completion_summary(items)
+    hit = np.array([it["bayes_correct"] for it in items], dtype=float)
+    se = hit.std(ddof=1) / math.sqrt(len(hit))
+    assert abs(s["bayes_em"] - s["bayes_expected"]) < 4 * se
+    for it in items[:50]:
+        ctx = tiny.parse(it["context"])
+        words = parse_answer(tiny, f" {it['answer']}." if it["answer"] else ".")
+        assert ctx[-1] != END and it["answer_logp"] == pytest.approx(tiny.cond_log_prob(ctx, [*words, END]))
+        assert it["bayes_logp"] >= it["answer_logp"] - 1e-12
+
+
+def test_completion_task_files(tmp_path, tiny):
+    """The JSONL and both lm-eval generate_until YAMLs (greedy, temperature 1) that read it."""
+    import yaml
+
+    from prime_eval.synthetic.generative import make_completion_task, write_completion_tasks
+
+    items = make_completion_task(tiny, make_corpus(tiny, 100, 0, stream=4).docs, 0, limit=10, min_context=1,
+                                 max_context=3)
+    f = write_completion_tasks(items, tmp_path / "data", tmp_path / "tasks", max_gen_toks=12, repeats=2)
+    assert [json.loads(x)["answer"] for x in f.read_text().splitlines()] == [it["answer"] for it in items]
+    greedy = yaml.safe_load((tmp_path / "tasks" / "synth_complete.yaml").read_text())
+    sampled = yaml.safe_load((tmp_path / "tasks" / "synth_complete_t1.yaml").read_text())
+    assert greedy["output_type"] == "generate_until" and greedy["generation_kwargs"]["do_sample"] is False
+    assert sampled["generation_kwargs"]["temperature"] == 1.0 and sampled["repeats"] == 2
+    assert greedy["generation_kwargs"]["max_gen_toks"] == 12

@@ -19,9 +19,12 @@ Steps (each one reuses the harness's own code path):
 4. **Scores** (`scoring.py`) through lm-eval with the `arm` / `mdm` / `prime` adapters (the `prime-eval score` code
    path), and **bound perplexity** (`bounds.py`) of the held-out documents with every estimator, compared with the
    exact NLL of the same documents in nats per document and bits per byte.
-5. **Audit** (`trained_audit.py`): the exact audit's default cases, plus exact enumeration on the trained networks.
-6. **Report** (`tables.py`, `plots.py`, `report.py`) into `--out`, with the demo's own tables and plots first.
-`run.py` runs the six steps. The package never imports the command layer or the adapters: `prime-eval demo`
+5. **Generation** (`generation.py`): each model completes held-out sentences through lm-eval `generate_until` (greedy
+   and temperature 1), scored against the truth: exact match with the Bayes-optimal (MAP) completion and the exact
+   log-likelihood of the generated text under the language (`prime_eval.synthetic.generative`).
+6. **Audit** (`trained_audit.py`): the exact audit's default cases, plus exact enumeration on the trained networks.
+7. **Report** (`tables.py`, `plots.py`, `report.py`) into `--out`, with the demo's own tables and plots first.
+`run.py` runs the seven steps. The package never imports the command layer or the adapters: `prime-eval demo`
 (`prime_eval.commands.demo`) registers the adapters before it calls `run_demo`.
 
 Likelihood of a document, and the length term

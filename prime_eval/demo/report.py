@@ -21,7 +21,20 @@ CSV_COLUMNS = {
                                     "nats_per_doc_se", "gap", "gap_se", "gap_ci95", "gap_relative", "bits_per_byte",
                                     "bits_per_byte_se", "gap_bits_per_byte", "length_term", "mc_se",
                                     "nll_per_token", "ppl_per_token", "samples", "verdict"]),
+    "demo_generation.csv": ("generation", ["model", "family", "mode", "answers", "em_bayes", "em_bayes_ci95",
+                                           "em_realised", "em_realised_ci95", "invalid", "invalid_frac",
+                                           "invalid_frac_ci95", "nll_valid", "nll_valid_se", "nll_per_symbol_valid",
+                                           "nll_gap", "nll_gap_se", "nll_gap_ci95", "forward_passes",
+                                           "generated_tokens", "passes_per_token", "sampler"]),
 }
+
+
+def csv_rows(summary: dict, key: str) -> list[dict]:
+    """The rows of a demo CSV: a summary list, or for "generation" one row per (model, greedy / sampled run)."""
+    if key != "generation":
+        return summary[key]
+    return [{"model": r["model"], "family": r["family"], "mode": mode, "sampler": r["sampler"], **r[mode]}
+            for r in summary.get("generation", {}).get("rows", []) for mode in ("greedy", "sampled")]
 
 
 def run_labels(summary: dict) -> dict:
@@ -45,7 +58,7 @@ def demo_csvs(summary: dict) -> dict[str, str]:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
-        for r in summary[key]:
+        for r in csv_rows(summary, key):
             w.writerow({k: _csv_value(r.get(k)) for k in cols})
         out[name] = buf.getvalue()
     return out

@@ -21,7 +21,7 @@ from pathlib import Path
 
 VOLATILE_KEYS = {"timings", "seconds", "tokenizer_seconds", "train_seconds", "tokens_per_second", "cached", "versions"}
 DATE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}\.\d+")
-SKIP = re.compile(r"runs/lm_eval/.*/results_[^/]*\.json$")
+SKIP = re.compile(r"(runs/lm_eval|generation)/.*/results_[^/]*\.json$")
 
 
 def comparable(obj, keys=VOLATILE_KEYS):

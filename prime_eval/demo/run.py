@@ -1,4 +1,4 @@
-"""`run_demo`: the demo's six steps in order, with their timings, into one output folder."""
+"""`run_demo`: the demo's seven steps in order, with their timings, into one output folder."""
 from __future__ import annotations
 
 import os
@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from prime_eval.demo.bounds import bound_vs_entropy
+from prime_eval.demo.generation import generation_settings, make_task, run_generation, truth_summary
 from prime_eval.demo.models import ensure_models
 from prime_eval.demo.report import build_report, run_labels, write_summary
 from prime_eval.demo.scoring import accuracy_rows, score_model
@@ -14,9 +15,9 @@ from prime_eval.demo.settings import FAMILIES, LABELS, default_cache_dir, defaul
 from prime_eval.demo.trained_audit import run_audit
 from prime_eval.synthetic import generate, write_heldout, write_tasks
 
-OUTPUT_DIRS = ("runs", "data", "plots")
+OUTPUT_DIRS = ("runs", "data", "plots", "generation")
 OUTPUT_FILES = ("report.md", "report.tex", "report.html", "accuracy.csv", "paired.csv", "perplexity.csv",
-                "demo_accuracy.csv", "demo_entropy.csv", "demo.json")
+                "demo_accuracy.csv", "demo_entropy.csv", "demo_generation.csv", "demo.json")
 
 
 def clean_outputs(out: Path) -> None:
@@ -33,7 +34,7 @@ def clean_outputs(out: Path) -> None:
 
 def run_demo(out: str | Path = "reports/demo", *, cache_dir: str | Path | None = None, seed: int = 0,
              quick: bool = False, retrain: bool = False, threads: int | None = None, console=None) -> dict:
-    """Run steps 1-6; returns the summary written to `out/demo.json`. The lm-eval adapters must be registered
+    """Run steps 1-7; returns the summary written to `out/demo.json`. The lm-eval adapters must be registered
     (`import model_adapters`, as `prime-eval demo` does)."""
     import torch
     from rich.console import Console
@@ -52,13 +53,14 @@ def run_demo(out: str | Path = "reports/demo", *, cache_dir: str | Path | None =
     out = Path(out)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     settings = default_settings(seed, quick)
+    gen_settings = generation_settings(quick)
     timings: dict[str, float] = {}
     clean_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir, runs_dir = out / "data", out / "runs"
 
     def step(n: int, text: str) -> float:
-        console.rule(f"[bold]{n}/6[/] {text}", align="left")
+        console.rule(f"[bold]{n}/7[/] {text}", align="left")
         return time.perf_counter()
 
     t = step(1, "ground truth: a random automaton language, its corpora, exact NLLs and tasks")
@@ -66,6 +68,7 @@ def run_demo(out: str | Path = "reports/demo", *, cache_dir: str | Path | None =
         data = generate(settings.language, settings.n_train, settings.n_heldout, settings.n_task_items)
         task_files = write_tasks(data.tasks, data_dir, data_dir / "tasks")
         write_heldout(data.heldout, data_dir / "heldout.jsonl")
+        gen_items = make_task(data.language, settings.seed, gen_settings, data_dir)
     ds = data.summary()
     h = ds["heldout"]
     console.print(f"{ds['n_words']} words, {ds['n_states']} hidden states; {ds['train_docs']:,} training documents "
@@ -93,23 +96,32 @@ def run_demo(out: str | Path = "reports/demo", *, cache_dir: str | Path | None =
         results[fam] = str(Path(path).resolve().relative_to(out.resolve()))  # inside --out, wherever that is
     timings["score"] = time.perf_counter() - t
 
-    t = step(4, "bound perplexity of every estimator against the exact NLL")
+    t = step(4, "generation through lm-eval (generate_until) against the true language")
+    from transformers import AutoTokenizer
+
+    generation = run_generation(art, settings, gen_settings, data.language, gen_items, data_dir / "tasks",
+                                out / "generation", out, console)
+    generation["truth"] = truth_summary(gen_items, AutoTokenizer.from_pretrained(str(art.tokenizer_dir)),
+                                        gen_settings)
+    timings["generation"] = time.perf_counter() - t
+
+    t = step(5, "bound perplexity of every estimator against the exact NLL")
     bounds = bound_vs_entropy(art, settings, data, runs_dir / "ppl", console,
                               progress_bar=lambda label: PplProgressBar(console, label=label))
     timings["perplexity"] = time.perf_counter() - t
 
-    t = step(5, "exact audit (generic cases and the trained networks)")
+    t = step(6, "exact audit (generic cases and the trained networks)")
     with console.status("enumerating mask sets and reveal orders ..."):
         audit_res = run_audit(art, settings, data)
     timings["audit"] = time.perf_counter() - t
 
-    t = step(6, "report")
+    t = step(7, "report")
     from prime_eval import report as rp
 
     summary = {"kind": "prime-eval/demo", "version": 2, "settings": settings.as_dict(),
                "training_key": settings.training_key(), "cache": str(art.folder), "cached": art.cached,
                "data": ds, "models": models, "train_log": {k: v for k, v in art.train_log.items() if k != "settings"},
-               "results_files": results, "bounds": bounds, "audit": audit_res, "timings": timings}
+               "results_files": results, "generation": generation, "bounds": bounds, "audit": audit_res, "timings": timings}
     collection = rp.load([runs_dir], run_labels(summary))
     summary["accuracy"] = accuracy_rows(collection, data)
     written, rep = build_report(summary, runs_dir, out, collection)

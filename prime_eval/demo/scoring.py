@@ -18,23 +18,25 @@ from prime_eval.synthetic import SyntheticData, task_summary
 
 
 def score_model(family: str, art: ModelArtifacts, settings: DemoSettings, tasks_dir: Path, runs_dir: Path,
-                task_names: list[str]) -> Path:
+                task_names: list[str], extra: dict | None = None, display_name: str | None = None) -> Path:
     """Score one model on the synthetic tasks with the run `prime-eval score` makes (`prime_eval.lm_eval_run`: the
     registered adapter, lm-eval's `simple_evaluate`, its files, the adapter's per-request statistics), with a task
-    index that holds only the synthetic tasks (building lm-eval's full index would cost ~10 s per model). The
-    adapters must be registered by the caller (`prime-eval demo` imports `model_adapters`; the library never does).
-    Returns the results JSON path."""
+    index that holds only the synthetic tasks (building lm-eval's full index would cost ~10 s per model). `extra`:
+    more model arguments (the generation step's sampler settings); `display_name`: the run's folder (default
+    `<family>-demo`). The adapters must be registered by the caller (`prime-eval demo` imports `model_adapters`; the
+    library never does). Returns the results JSON path."""
     from lm_eval.tasks import TaskManager
 
     from prime_eval import lm_eval_run as R
 
-    extra = {"seed": settings.seed, "rows_per_pass": 256}
+    args = {"seed": settings.seed, "rows_per_pass": 256}
     if family != "arm":
-        extra.update(samples=settings.score_samples, greedy="false")
-    model_args = art.model_args(family, settings, **extra)
+        args.update(samples=settings.score_samples, greedy="false")
+    model_args = art.model_args(family, settings, **args, **(extra or {}))
     plan = R.prepare_tasks(task_names, TaskManager(include_path=[str(tasks_dir)], include_defaults=False))
     lm = R.model_spec(family, model_args, device="cpu").build()
-    out = R.run(lm, plan, model=family, model_args=model_args, output_path=runs_dir, display_name=f"{family}-demo",
+    out = R.run(lm, plan, model=family, model_args=model_args, output_path=runs_dir,
+                display_name=display_name or f"{family}-demo",
                 log_samples=True, seeds=(settings.seed,) * 4, verbosity="ERROR")
     return out.results_file
 

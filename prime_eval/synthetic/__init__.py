@@ -6,6 +6,9 @@
                         (`make_corpus`, `Corpus`, `entropy_stats`, `write_heldout`)
     multiple_choice.py  the lm-eval tasks with exact Bayes-optimal answers and their files (`make_word_task`,
                         `make_order_task`, `task_summary`, `task_yaml`, `write_tasks`)
+    generative.py       the generate_until task `synth_complete` (complete the sentence): its exact Bayes (MAP) answer
+                        and the exact log-likelihood of generated text (`make_completion_task`, `map_answer`,
+                        `generated_log_prob`, `write_completion_tasks`)
     ground_truth.py     everything the demo needs in one call (`generate` -> `SyntheticData`)
 """
 from __future__ import annotations
