@@ -2,8 +2,8 @@
 
     lm_eval --model mdm --model_args checkpoint=mdm.safetensors,tokenizer=...,estimator=mc,samples=128
 
-Estimators (`estimator=`): `exact_count` (default for scoring; LLaDA), `mc` (stratified t, independent masking,
-weight 1/t), `levels`, `chain_rule` (deterministic left-to-right; not the ELBO), `iw` (importance-weighted any-order
+Estimators (`estimator=`): `sqrt_count` (default for scoring: LLaDA's exact count, importance-sampled), `exact_count`
+(LLaDA), `mc` (stratified t, independent masking, weight 1/t), `levels`, `chain_rule` (deterministic left-to-right; not the ELBO), `iw` (importance-weighted any-order
 bound, `orders=K`, `proposal=uniform|pl`, `tau`). Options: `eps`, `T`, `cfg` (cfg > 0 is not a likelihood: flagged
 `is_bound: false`). `is_greedy`: greedy confidence-ordered unmasking (`prime_eval.estimators.greedy`).
 `generate_until`: LLaDA's semi-autoregressive low-confidence remasking or MDLM's ancestral steps

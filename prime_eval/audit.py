@@ -4,7 +4,9 @@ For a request (x, target) with n diffused positions (tokens for MDM, target sub-
 
 1. Exact expectation of an MC estimator: E[est] = Σ_S w(S) · cost(S) over all 2^n mask sets S, where w(S) is the
    probability weight its sampling implies times its importance weight. For t ~ U(0,1) with weight 1/t (and for the
-   exact-count estimator): w(S) = ∫ t^{|S|-1}(1-t)^{n-|S|} dt = (|S|-1)!(n-|S|)!/n!.
+   exact-count estimator): w(S) = ∫ t^{|S|-1}(1-t)^{n-|S|} dt = (|S|-1)!(n-|S|)!/n!. For an importance-sampled
+   count (`sqrt_count`) it is computed from the sampler's own law and weights, q(|S|)·weight(|S|)/C(n, |S|), so a
+   law or a weight that does not cancel shows as an expectation off the reference.
 2. Exact likelihood of the model's own any-order generative process (one position revealed at a time, uniformly at
    random, from the per-position marginals), by a dynamic programme over reveal sets R:
         g(∅) = 1,   g(R ∪ {j}) += g(R) · p_θ(y_j | y_R, ctx) / (n - |R|),   p(y_T | ctx) = g(all).
@@ -25,14 +27,15 @@ import torch
 
 from prime_eval.errors import UserError
 from prime_eval.estimators import MDMEstimator, PrimeEstimator, estimate, forward_rows
+from prime_eval.estimators.sampler import COUNT_POWER, count_law
 from prime_eval.networks.toy import OracleDenoiser, TinyDenoiser
 from prime_eval.subtokenizer import SubTokenizer, make_permutation
 
 MAX_DIFFUSED = 16  # 2^16 mask sets: the enumeration limit
 MAX_IW_POSITIONS = 8  # the iw audit enumerates all n! reveal orders (8! = 40,320)
-ORACLE_ESTIMATORS = ("mc", "exact_count", "levels", "legacy_joint")
-MDM_ESTIMATORS = ("mc", "exact_count", "levels", "chain_rule")
-PRIME_ESTIMATORS = ("mc", "exact_count", "levels", "legacy_joint")
+ORACLE_ESTIMATORS = ("mc", "exact_count", "sqrt_count", "levels", "legacy_joint")
+MDM_ESTIMATORS = ("mc", "exact_count", "sqrt_count", "levels", "chain_rule")
+PRIME_ESTIMATORS = ("mc", "exact_count", "sqrt_count", "levels", "legacy_joint")
 IW_KS, IW_PROPOSALS = (1, 4, 16), ("uniform", "pl")
 
 # progress(fraction done in [0, 1], what is being done); None: silent
@@ -76,6 +79,10 @@ def set_weight(est, k: int, n: int) -> float:
     """E[weight · 1{S is the masked set}] for one set S of size k among n diffused positions."""
     name = est.name
     eps, T = getattr(est, "eps", 0.0), getattr(est, "T", None)
+    scheme = getattr(getattr(est, "sampler", None), "scheme", None)
+    if scheme in COUNT_POWER:  # the sampler's own law q and weights, shared by the C(n, k) sets of size k
+        q, w = count_law(n, COUNT_POWER[scheme])
+        return 0.0 if k == 0 else float(q[k - 1] * w[k - 1]) / math.comb(n, k)
     if name in ("exact_count", "levels") or (name == "mc" and not eps and not T):
         return 0.0 if k == 0 else math.factorial(k - 1) * math.factorial(n - k) / math.factorial(n)
     if T:  # t uniform on the grid {1/T, ..., 1}
@@ -323,7 +330,7 @@ def model_case(family: str, V: int, *, ell: int | None = None, base: int | None 
     out = []
     for est in ests:
         e = exact_expectation(net, est, x, target,
-                              table=table if est.name in ("mc", "exact_count", "levels") else None)
+                              table=table if est.name in ("mc", "exact_count", "sqrt_count", "levels") else None)
         en = est.name + (f" T={est.T}" if getattr(est, "T", None) else "")
         step(f"{en}: exact expectation")
         row = AuditRow(label, en, e, ref, "-log p (any-order process, exact)", e - ref, est.is_bound,
@@ -354,7 +361,7 @@ def default_cases(fast: bool = False, progress: Progress | None = None) -> list[
         lambda p: model_case("prime", 6, ell=2, perm_seed=1, context=1, target_len=3, carry_over=True,
                              estimators=("mc", "legacy_joint"), mc_samples=mc, progress=p),
         lambda p: model_case("prime", 8, base=2, perm_seed=2, context=2, target_len=4, mc_samples=mc,
-                             estimators=("mc", "exact_count", "levels", "legacy_joint"), progress=p),
+                             estimators=("mc", "exact_count", "sqrt_count", "levels", "legacy_joint"), progress=p),
         lambda p: iw_case("mdm", 6, context=1, target_len=4, Ks=(1, 4, 16), progress=p),
         lambda p: iw_case("prime", 8, base=2, perm_seed=1, context=1, target_len=2, Ks=(1, 4, 16), progress=p),
     ]

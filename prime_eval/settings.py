@@ -1,7 +1,7 @@
 """Settings of a run: one validated object whose field list is the vocabulary of `--model_args` (docs/adapters.md).
 
     s = Settings.parse({"checkpoint": "mdm.pth", "samples": "64"}, family="mdm", command="score")
-    s.samples, s.estimator, s.adaptive        # 64, "exact_count", None (auto)
+    s.samples, s.estimator, s.adaptive        # 64, "sqrt_count", None (auto)
 
 Every field is declared once below with its type, default and one-line help; that declaration is also the
 unknown-argument error text, the `--help` text of `prime-eval score` / `ppl` (`help_text`) and the flags of
@@ -25,9 +25,9 @@ from prime_eval.estimators.rows import PACKING  # forward_rows_batch_invariant's
 FAMILIES = ("arm", "mdm", "prime")
 DIFFUSION = ("mdm", "prime")
 COMMANDS = ("score", "ppl")
-# Default diffusion estimator of `prime-eval score` (benchmarks/variance.py: at equal forward passes, exact_count with
+# Default diffusion estimator of `prime-eval score` (benchmarks/variance.py: at equal forward passes, sqrt_count with
 # common random numbers has the lowest variance of the choice differences; `ppl` keeps MDLM's `mc`).
-DEFAULT_SCORE_ESTIMATOR = "exact_count"
+DEFAULT_SCORE_ESTIMATOR = "sqrt_count"
 DEFAULT_ESTIMATOR = {"score": {"arm": "exact", "mdm": DEFAULT_SCORE_ESTIMATOR, "prime": DEFAULT_SCORE_ESTIMATOR},
                      "ppl": {"arm": "exact", "mdm": "mc", "prime": "mc"}}
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -116,9 +116,9 @@ class Settings:
                                       "with visible sub-tokens (default: the checkpoint's, else false)",
                                       families=("prime",), commands=BOTH)
     # -- the estimator: prime_eval.estimators ------------------------------------------------------------------
-    estimator: str | None = setting(None, "arm: exact; mdm: mc, exact_count, chain_rule, levels and iw (score "
-                                    "only); prime: mc, exact_count, legacy_joint (NOT a bound), levels and iw "
-                                    "(score only)", commands=BOTH)
+    estimator: str | None = setting(None, "arm: exact; mdm: mc, exact_count, chain_rule, sqrt_count, levels and iw "
+                                    "(score only); prime: mc, exact_count, legacy_joint (NOT a bound), sqrt_count, "
+                                    "levels and iw (score only)", commands=BOTH)
     samples: int = setting(None, "Monte Carlo samples K per request (score: the cap when adaptive) or per block "
                            "(ppl); ignored by exact and chain_rule", commands=BOTH,
                            by_command={"score": 128, "ppl": 1}, check=_at_least(1), flag="--samples")

@@ -17,6 +17,10 @@ def test_default_cases_certify_valid_estimators_and_flag_legacy():
         if r.is_bound_by_construction and r.estimator.split()[0] != "chain_rule":
             assert r.verdict.startswith("valid bound"), r
             assert r.gap >= -1e-7
+    by = {(r.case, r.estimator): r for r in rows}
+    sqrt = [c for c, e in by if e == "sqrt_count"]  # the importance-sampled count: the NELBO's exact expectation
+    assert len(sqrt) >= 4 and all(by[(c, "sqrt_count")].expectation == pytest.approx(
+        by[(c, "exact_count")].expectation, rel=1e-12) for c in sqrt)
     oracle_legacy = [r for r in rows if r.case.startswith("oracle") and r.estimator == "legacy_joint"]
     assert oracle_legacy and all(r.verdict == "VIOLATES BOUND" for r in oracle_legacy)
     first = {r.estimator: r.expectation for r in rows if r.case.startswith("oracle {00")}
@@ -30,6 +34,9 @@ def test_set_weights_sum_to_harmonic_identity():
     est = type("E", (), {"name": "mc", "eps": 0.0, "T": None})()
     assert sum(math.comb(n, k) * audit.set_weight(est, k, n) for k in range(1, n + 1)) == pytest.approx(
         sum(1 / k for k in range(1, n + 1)))
+    sqrt = audit.MDMEstimator("sqrt_count", mask_id=6)  # the sampler's law: same weight per set as exact count
+    assert [audit.set_weight(sqrt, k, n) for k in range(n + 1)] == pytest.approx(
+        [audit.set_weight(est, k, n) for k in range(n + 1)], rel=1e-12)
     eps_est = type("E", (), {"name": "mc", "eps": 1e-3, "T": None})()
     assert audit.set_weight(eps_est, 2, 4) == pytest.approx(audit.set_weight(est, 2, 4), rel=5e-3)
 

@@ -15,9 +15,10 @@ from prime_eval.subtokenizer import SubTokenizer
 EXPECTED = {
     ("arm", "exact"): BK.EXACT,
     ("mdm", "mc"): BK.UPPER_BOUND, ("mdm", "exact_count"): BK.UPPER_BOUND, ("mdm", "levels"): BK.UPPER_BOUND,
-    ("mdm", "iw"): BK.UPPER_BOUND, ("mdm", "chain_rule"): BK.EXACT_LEFT_TO_RIGHT,
+    ("mdm", "iw"): BK.UPPER_BOUND, ("mdm", "chain_rule"): BK.EXACT_LEFT_TO_RIGHT, ("mdm", "sqrt_count"): BK.UPPER_BOUND,
     ("prime", "mc"): BK.UPPER_BOUND, ("prime", "exact_count"): BK.UPPER_BOUND, ("prime", "levels"): BK.UPPER_BOUND,
     ("prime", "iw"): BK.UPPER_BOUND, ("prime", "legacy_joint"): BK.NOT_A_LIKELIHOOD,
+    ("prime", "sqrt_count"): BK.UPPER_BOUND,
 }
 
 

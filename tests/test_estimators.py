@@ -63,7 +63,7 @@ def test_prime_ell1_equals_mdm_exactly():
     prime_net = TinyDenoiser("prime", V, ell=1, base=V, seed=0)
     prime_net.load_state_dict(mdm_net.state_dict())
     st = SubTokenizer(V, ell=1)
-    for name in ("mc", "exact_count"):
+    for name in ("mc", "exact_count", "sqrt_count"):
         mdm, prime = get_estimator("mdm", name, mask_id=V), get_estimator("prime", name, subtokenizer=st)
         ra, rb = mdm.rows(x, target, _gen(5), 32), prime.rows(x, target, _gen(5), 32)
         assert torch.equal(ra.inputs, rb.inputs) and torch.equal(ra.logits_at, rb.logits_at)  # the same draws
@@ -88,10 +88,12 @@ def test_bound_above_exact_nll_and_mc_unbiased(case):
     target = torch.tensor([0, 0, 1, 1, 1], dtype=torch.bool)
     table = audit.masked_nll_table(net, est, x, target)
     nll = audit.exact_nll(net, est, x, target, table=table)
-    for name in ("mc", "exact_count"):
+    nelbo = audit.exact_expectation(net, est, x, target, table=table)
+    for name in ("mc", "exact_count", "sqrt_count"):
         e = get_estimator(family, name, **({"mask_id": V} if family == "mdm" else
                                            {"subtokenizer": est.st, "carry_over": est.carry_over}))
         expectation = audit.exact_expectation(net, e, x, target, table=table)
+        assert expectation == pytest.approx(nelbo, rel=1e-12)  # every mask-set law has the NELBO's expectation
         assert expectation >= nll - 1e-9
         r = estimate(net, e, x, target, _gen(11), 3000, rows_per_pass=1024)
         assert abs(r.mean - expectation) < 4 * r.stderr, (name, r.mean, expectation, r.stderr)
@@ -243,6 +245,13 @@ def test_sampler_formulas_from_explicit_uniforms():
     assert counts.tolist() == [1, 4, 7] and torch.equal(d.weights, 7 / counts.double())
     for k in range(3):  # the l_k positions of smallest v_k
         assert set(torch.nonzero(d.masks[k]).flatten().tolist()) == set(v[k].argsort()[:counts[k]].tolist())
+    d = MaskSampler("sqrt_count").from_uniforms(u, v, 7)  # l = F⁻¹(u) for q(l) ∝ l^(-1/2), weight 1/(q(l)·l)
+    q = 1 / torch.arange(1, 8, dtype=torch.float64).sqrt()
+    q = q / q.sum()
+    counts = d.masks.sum(1)
+    assert counts.tolist() == [1, 3, 7] and torch.allclose(d.weights, 1 / (q[counts - 1] * counts), rtol=1e-12)
+    for k in range(3):  # chosen by rank of v_k, as exact count
+        assert set(torch.nonzero(d.masks[k]).flatten().tolist()) == set(v[k].argsort()[:counts[k]].tolist())
     d = MaskSampler("levels").from_uniforms(None, v[:1], 7)
     assert d.masks.sum(1).tolist() == [7, 6, 5, 4, 3, 2, 1] and torch.equal(d.weights, 1.0 / d.masks.sum(1).double())
     d = MaskSampler("chunked", chunks=((0.0, 1), (0.4, 3))).from_uniforms(u, v, 7)
@@ -259,8 +268,10 @@ def test_estimators_draw_their_masks_from_the_sampler():
     st = SubTokenizer(6, ell=2)
     for family, name, opts, ell, mask_id in [("mdm", "mc", {"mask_id": 6, "eps": 1e-3}, 1, 6),
                                              ("mdm", "exact_count", {"mask_id": 6}, 1, 6),
+                                             ("mdm", "sqrt_count", {"mask_id": 6}, 1, 6),
                                              ("prime", "mc", {"subtokenizer": st}, 2, st.base),
                                              ("prime", "exact_count", {"subtokenizer": st}, 2, st.base),
+                                             ("prime", "sqrt_count", {"subtokenizer": st}, 2, st.base),
                                              ("prime", "legacy_joint", {"subtokenizer": st}, 2, st.base)]:
         est = get_estimator(family, name, **opts)
         rows = est.rows(x, target, _gen(7), 5)
@@ -271,6 +282,23 @@ def test_estimators_draw_their_masks_from_the_sampler():
         sub = target.repeat_interleave(ell)
         assert torch.equal(rows.inputs[:, sub] == mask_id, ref.masks), (family, name)
         assert torch.equal(rows.data["weights"], ref.weights), (family, name)
+
+
+def test_count_law_is_the_frequency_of_the_drawn_counts():
+    """sqrt_count: stratified u gives each count l = 1..n with frequency q(l) (up to 1/K), and q(l)·weight(l) = 1/l,
+    so Σ_l q(l)·weight(l)·E_{|S|=l}[Σ c] is the NELBO Σ_l (1/l) E_{|S|=l}[Σ c]."""
+    from prime_eval.estimators.sampler import COUNT_POWER, MaskSampler, count_law
+
+    n, K = 9, 100_000
+    q, w = count_law(n, COUNT_POWER["sqrt_count"])
+    levels = torch.arange(1, n + 1, dtype=torch.float64)
+    assert q.sum() == pytest.approx(1.0, abs=1e-15) and torch.allclose(q * w, 1 / levels, rtol=1e-14)
+    assert (q[:-1] > q[1:]).all()  # more samples where few positions are masked
+    u = (torch.arange(K, dtype=torch.float64) + 0.5) / K
+    d = MaskSampler("sqrt_count").from_uniforms(u, torch.rand(K, n, generator=_gen(2), dtype=torch.float64), n)
+    freq = torch.bincount(d.masks.sum(1), minlength=n + 1)[1:].double() / K
+    assert torch.allclose(freq, q, atol=2 / K)
+    assert torch.allclose(count_law(n, 0.0)[1], n / levels)  # power 0 is exact count
 
 
 def test_sampler_refuses_unknown_schemes_and_names():

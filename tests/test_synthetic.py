@@ -34,7 +34,7 @@ def test_language_is_well_formed(tiny):
         assert np.allclose(L.emit.sum(1), 1) and np.allclose(L.trans.sum(1), 1) and math.isclose(L.start.sum(), 1)
         assert (L.emit[L.start > 0, END] == 0).all()  # sentences start with a word
         assert (L.emit[:, END] > 0).any()
-    assert lang.n_symbols == 241 and lang.n_states == 40
+    assert lang.n_symbols == 97 and lang.n_states == 20
 
 
 def test_forward_matches_brute_force_on_short_sequences(tiny):
@@ -193,14 +193,14 @@ def test_distractor_pools_are_symmetric():
 
 
 def test_task_files_and_yaml(tmp_path, quick_data):
-    files = write_tasks(quick_data, tmp_path / "data", tmp_path / "yaml")
+    files = write_tasks(quick_data.tasks, tmp_path / "data", tmp_path / "yaml")
     for task, f in files.items():
         rows = [json.loads(line) for line in f.read_text().splitlines()]
         assert len(rows) == 40 and rows[0]["id"] == 0 and {"context", "choices", "gold"} <= set(rows[0])
         y = (tmp_path / "yaml" / f"{task}.yaml").read_text()
         assert f"task: {task}" in y and "output_type: multiple_choice" in y and str(f.resolve()) in y
     assert "doc_to_choice: choices" in task_yaml("synth_word", tmp_path / "x.jsonl")
-    p = write_heldout(quick_data, tmp_path / "heldout.jsonl")
+    p = write_heldout(quick_data.heldout, tmp_path / "heldout.jsonl")
     rows = [json.loads(line) for line in p.read_text().splitlines()]
     assert [r["text"] for r in rows] == quick_data.heldout.texts
     assert np.allclose([r["nll"] for r in rows], quick_data.heldout.nll)

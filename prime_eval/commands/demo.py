@@ -1,6 +1,7 @@
 """`prime-eval demo`: train (or load) reference ARM / MDM / MDM-Prime-v2 models on a synthetic language with known
 entropy, score them through lm-eval, compare every likelihood estimator with the true entropy, run the audit, and
-build the report. See `prime_eval.demo`."""
+build the report. See `prime_eval.demo`. This command registers the lm-eval adapters (`import model_adapters`); the
+library package never imports them."""
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quick", "--reduced", dest="quick", action="store_true",
                    help="much smaller language, corpus and models (tests; under a minute)")
     p.add_argument("--retrain", action="store_true", help="ignore cached models and train again")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: robust on a shared 2-core machine; 2 is faster only when idle)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for scoring (default 1: robust on a shared 2-core machine; 2 is faster "
+                        "only when idle); training always runs on one thread, so the weights do not depend on it")
+    p.add_argument("--compare", default=None, metavar="DIR",
+                   help="after the run, compare --out with the demo report in DIR (e.g. the committed reports/demo) "
+                        "up to wall times and absolute paths; exit status 1 when they differ")
     return p
 
 
@@ -39,4 +45,8 @@ def main(args) -> int:
 
     run_demo(args.out, cache_dir=args.cache_dir, seed=args.seed, quick=args.quick, retrain=args.retrain,
              threads=args.threads)
+    if args.compare:
+        from prime_eval.demo.reproduce import compare, report
+
+        return report(compare(args.compare, args.out), args.compare, args.out)
     return 0

@@ -7,7 +7,7 @@
 The protocol (MDLM's, method.md §2) and the JSON are documented in docs/perplexity.md and
 `prime_eval.perplexity`; this module only parses (the settings: `prime_eval.settings`, the same names as in
 `prime-eval score`), loads the model (`prime_eval.loading`), opens the result cache and calls `evaluate_perplexity`
-with the progress bar of `commands/ppl_display.py`.
+with the progress bar of `prime_eval/ppl_progress.py` and the summary table of `commands/ppl_display.py`.
 """
 from __future__ import annotations
 
@@ -128,7 +128,8 @@ def main(args: argparse.Namespace) -> int:
 
     from prime_eval import distributed as D
     from prime_eval import perplexity as P
-    from prime_eval.commands.ppl_display import PplProgressBar, summary_table
+    from prime_eval.commands.ppl_display import summary_table
+    from prime_eval.ppl_progress import PplProgressBar
     from prime_eval.io import check_output_dir
     from prime_eval.loading import load_model
 

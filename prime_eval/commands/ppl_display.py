@@ -1,4 +1,5 @@
-"""What `prime-eval ppl` shows: a rich progress bar fed by `evaluate_perplexity(progress=...)`, and the summary table.
+"""What `prime-eval ppl` prints at the end: the summary table (its progress bar is the library's
+`prime_eval.ppl_progress.PplProgressBar`, shared with the demo).
 
     with PplProgressBar(console) as bar:
         result = evaluate_perplexity(..., progress=bar)
@@ -9,42 +10,6 @@ from __future__ import annotations
 import math
 
 from prime_eval import bound_kind as BK
-from prime_eval.intervals import ppl_interval
-
-
-class PplProgressBar:
-    """A rich progress bar with the running estimate: documents read (or tokens, with --max-tokens) over the total,
-    NLL ± its between-block SE, PPL, blocks and tokens. Call it with each `prime_eval.perplexity.Progress`."""
-
-    def __init__(self, console=None):
-        from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        self.bar = Progress(SpinnerColumn(), TextColumn("[bold]ppl[/]"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                            TextColumn("{task.fields[est]}"), console=console or Console(stderr=True),
-                            transient=False)
-        self.task = None
-
-    def __enter__(self) -> PplProgressBar:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.bar.__exit__(*exc)
-
-    def __call__(self, p) -> None:
-        by_tokens = bool(p.max_tokens)
-        if self.task is None:
-            self.task = self.bar.add_task("ppl", total=p.max_tokens if by_tokens else p.total_docs,
-                                          unit="tokens" if by_tokens else "docs", est="")
-        if p.blocks == 0:
-            return
-        se = p.stderr_sampling
-        est = (f"NLL {p.nll:.4f}" + (f" ± {se:.4f}" if math.isfinite(se) else "")
-               + f"  PPL {ppl_interval(p.nll, 0.0)[0]:.3f}  blocks {p.blocks}  tokens {p.tokens:,}")
-        self.bar.update(self.task, completed=p.tokens if by_tokens else p.docs, est=est)
 
 
 def summary_table(result: dict):

@@ -23,8 +23,8 @@ from prime_eval.estimators.sampler import MaskSampler
 
 ESTIMATORS = {
     "arm": ("exact",),
-    "mdm": ("mc", "exact_count", "levels", "chain_rule", "iw"),
-    "prime": ("mc", "exact_count", "levels", "legacy_joint", "iw"),
+    "mdm": ("mc", "exact_count", "sqrt_count", "levels", "chain_rule", "iw"),
+    "prime": ("mc", "exact_count", "sqrt_count", "levels", "legacy_joint", "iw"),
 }
 DEFAULT_ESTIMATOR = {"arm": "exact", "mdm": "mc", "prime": "mc"}
 

@@ -10,6 +10,9 @@ Estimators (each returns K per-sample values whose mean is the estimate):
                 masked with prob t_k, value = (1/t_k) Σ_masked -log p  (SMDM / MDLM).
 - `exact_count` l_k = 1 + floor(n·(u + k/K) mod 1) masked tokens chosen uniformly, value = (n/l) Σ_masked -log p
                 (LLaDA). Same expectation: Σ_l (1/n)(n/l) E_{|S|=l}[·] = Σ_S (|S|-1)!(n-|S|)!/n! · cost(S).
+- `sqrt_count`  l_k = F⁻¹(u_k) for q(l) ∝ l^(-1/2), masked uniformly, value = Σ_masked -log p / (q(l)·l):
+                exact_count with the count importance-sampled (same expectation; lower variance where small counts,
+                weighted n/l, dominate it: benchmarks/variance.py).
 - `levels`      K random orders; for each, the nested sets of its first l = n..1 positions, value
                 Σ_l (1/l) Σ_{i∈S_l} -log p (every exact-count level once: stratified over l). n rows per sample.
 - `chain_rule`  left-to-right: Σ_k -log p(x_k | x_C, x_{<k}, rest masked). Deterministic, n rows. It is the exact
@@ -36,8 +39,9 @@ class MDMEstimator:
     family = "mdm"
 
     def __init__(self, name: str, *, mask_id: int, eps: float = 0.0, T: int | None = None, cfg: float = 0.0):
-        if name not in ("mc", "exact_count", "levels", "chain_rule"):
-            raise UserError(f"unknown MDM estimator {name!r}; choose mc, exact_count, levels or chain_rule")
+        if name not in ("mc", "exact_count", "sqrt_count", "levels", "chain_rule"):
+            raise UserError(f"unknown MDM estimator {name!r}; choose mc, exact_count, sqrt_count, levels or "
+                            "chain_rule")
         if not 0.0 <= eps < 1.0:
             raise UserError(f"eps must lie in [0, 1), got {eps}")
         self.name, self.mask_id, self.eps, self.T, self.cfg = name, mask_id, eps, T, float(cfg)

@@ -10,13 +10,16 @@ p̃ is the plain softmax, or with `carry_over` the softmax restricted to tokens 
 digits (MDM-Prime v1). Both are valid bounds. Estimators:
 - `mc`           (default) sub-tokens of the target masked independently at stratified rate t, weight 1/t.
 - `exact_count`  l ~ stratified over 1..nℓ masked sub-tokens, weight nℓ/l (same expectation).
+- `sqrt_count`   l ~ q(l) ∝ l^(-1/2) over 1..nℓ (stratified through its inverse CDF), weight 1/(q(l)·l) (same
+                 expectation, lower variance: few masked sub-tokens carry the large weights).
 - `levels`       K random orders of the nℓ sub-tokens, every level l = nℓ..1 once, Σ_l (1/l) Σ_{masked} -log marginal.
 - `legacy_joint` the *published* form: (1/(t+1e-6)) Σ_{target tokens} -log p̃_θ(x^i | y_t), the joint token CE
                  charged once per token (v2 lit_gpt: every target token; `legacy_scope="masked"`: only tokens with a
                  masked sub-token, as V1 with carry-over). Optional CFG, temperature τ(t) = (1-temp)t + temp and
                  chunked masking "points/sizes" as in evaluate_prime.py. It is **not** an upper bound on NLL (it
                  misses the conditional total correlation among a token's masked sub-tokens): `is_bound = False`.
-With ℓ = 1 and π = id, `mc` and `exact_count` reproduce the MDM estimators exactly (same seed, same draws).
+With ℓ = 1 and π = id, `mc`, `exact_count` and `sqrt_count` reproduce the MDM estimators exactly (same seed, same
+draws).
 """
 from __future__ import annotations
 
@@ -52,9 +55,9 @@ class PrimeEstimator:
     def __init__(self, name: str, *, subtokenizer: SubTokenizer, carry_over: bool = False, eps: float = 0.0,
                  T: int | None = None, cfg: float = 0.0, temperature: float | None = None,
                  chunk: str | None = None, legacy_scope: str = "all"):
-        if name not in ("mc", "exact_count", "levels", "legacy_joint"):
-            raise UserError(f"unknown Prime estimator {name!r}; choose mc (valid bound), exact_count, levels or "
-                            "legacy_joint")
+        if name not in ("mc", "exact_count", "sqrt_count", "levels", "legacy_joint"):
+            raise UserError(f"unknown Prime estimator {name!r}; choose mc (valid bound), exact_count, sqrt_count, "
+                            "levels or legacy_joint")
         if name != "legacy_joint" and (cfg or temperature is not None or chunk):
             raise UserError("cfg, temperature and chunk are not likelihoods; they are accepted only with "
                             "estimator=legacy_joint (to reproduce published numbers)")

@@ -15,6 +15,9 @@ and every mask set is a pure function of them:
     independent   position i masked in sample k iff v_ki < t_k;                 weight 1/t_k          (`mc`)
     exact count   l_k = min(1 + ⌊n·u_k⌋, n); the l_k positions of smallest rank(v_k) masked;
                   weight n/l_k                                                                   (`exact_count`)
+    sqrt count    l_k = F⁻¹(u_k) for the law q(l) ∝ l^(-1/2) on 1..n (`count_law`); masked as exact count;
+                  weight 1/(q(l_k)·l_k): importance sampling over the count, more samples where few
+                  positions are masked and the exact-count weight n/l is large                  (`sqrt_count`)
     levels        r = rank(v_k); the nested sets {i : r_i < l}, l = n..1, weight 1/l each;
                   n rows per sample, no u                                                         (`levels`)
     chunked       legacy_joint (MDM-Prime v2's evaluate_prime.py): for t_k ≥ point, groups of `size`
@@ -36,11 +39,14 @@ import torch
 
 from prime_eval.errors import UserError
 
-SCHEMES = ("independent", "exact_count", "levels", "chunked", "left_to_right")
+SCHEMES = ("independent", "exact_count", "sqrt_count", "levels", "chunked", "left_to_right")
 SCHEME_OF = {  # estimator name -> masking scheme
-    "mdm": {"mc": "independent", "exact_count": "exact_count", "levels": "levels", "chain_rule": "left_to_right"},
-    "prime": {"mc": "independent", "exact_count": "exact_count", "levels": "levels", "legacy_joint": "chunked"},
+    "mdm": {"mc": "independent", "exact_count": "exact_count", "sqrt_count": "sqrt_count", "levels": "levels",
+            "chain_rule": "left_to_right"},
+    "prime": {"mc": "independent", "exact_count": "exact_count", "sqrt_count": "sqrt_count", "levels": "levels",
+              "legacy_joint": "chunked"},
 }
+COUNT_POWER = {"sqrt_count": 0.5}  # q(l) ∝ l^(-power) of the importance-sampled count schemes
 LEGACY_WEIGHT_EPS = 1e-6  # legacy_joint's weight 1/(t + 1e-6), as published
 
 
@@ -93,6 +99,25 @@ def exact_count_masks(u: torch.Tensor, v: torch.Tensor,
     n = torch.full_like(u, v.shape[1]) if lengths is None else lengths.to(u.dtype)
     counts = torch.minimum(torch.floor(u * n).long() + 1, n.long()).clamp_min(1)
     return reveal_ranks(_pad_excluded(v, lengths)) < counts[:, None], counts
+
+
+def count_law(n: int, power: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) float64 probabilities q(l) ∝ l^(-power) of l = 1..n masked positions, and the (n,) weights 1/(q(l)·l)
+    that keep the NELBO's expectation: Σ_l q(l) · 1/(q(l)·l) · E_{|S|=l}[Σ_{i∈S} c_i] = Σ_l (1/l) E_{|S|=l}[·].
+    power = 0 is exact count (q = 1/n, weight n/l)."""
+    levels = torch.arange(1, n + 1, dtype=torch.float64)
+    q = levels ** -power
+    q = q / q.sum()
+    return q, 1.0 / (q * levels)
+
+
+def weighted_count_masks(u: torch.Tensor, v: torch.Tensor, power: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, n) bool masks of l_k = F⁻¹(u_k) positions (the law `count_law(n, power)`), chosen by rank of v_k as in
+    `exact_count_masks`, and their weights (K,) 1/(q(l_k)·l_k)."""
+    n = v.shape[1]
+    q, w = count_law(n, power)
+    idx = torch.searchsorted(q.cumsum(0), u, right=True).clamp(max=n - 1)  # l_k - 1: P(idx = l-1) = q(l)
+    return reveal_ranks(v) < (idx + 1)[:, None], w[idx]
 
 
 def level_masks(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +210,7 @@ class MaskSampler:
     @property
     def uses_sample_uniforms(self) -> bool:
         """Whether the draw has one uniform u_k per sample (a time or a count), which a caller may supply."""
-        return self.scheme in ("independent", "exact_count", "chunked")
+        return self.scheme in ("independent", "exact_count", "sqrt_count", "chunked")
 
     def draw(self, generator: torch.Generator | None, k: int, n: int, u: torch.Tensor | None = None) -> MaskDraw:
         """K samples over n positions: u (stratified from `generator`, unless given), then v from `generator`."""
@@ -208,6 +233,8 @@ class MaskSampler:
         if self.scheme == "exact_count":
             masks, counts = exact_count_masks(u, v)
             return MaskDraw(masks, n / counts.double())
+        if self.scheme in COUNT_POWER:
+            return MaskDraw(*weighted_count_masks(u, v, COUNT_POWER[self.scheme]))
         t = times(u, eps=self.eps, T=self.T)
         if self.scheme == "chunked":
             return MaskDraw(chunked_masks(t, v, self.chunks), 1.0 / (t + LEGACY_WEIGHT_EPS), t)
@@ -234,6 +261,7 @@ def batch_masks(generator: torch.Generator, lengths: torch.Tensor, width: int, *
     raise UserError(f"batch_masks: scheme {scheme!r} is not a training scheme; choose exact_count or independent")
 
 
-__all__ = ["MaskSampler", "MaskDraw", "SCHEMES", "SCHEME_OF", "stratified_uniform", "position_uniforms", "times",
-           "independent_masks", "exact_count_masks", "level_masks", "chunked_masks", "left_to_right_masks",
+__all__ = ["MaskSampler", "MaskDraw", "SCHEMES", "SCHEME_OF", "COUNT_POWER", "stratified_uniform", "position_uniforms",
+           "times", "independent_masks", "exact_count_masks", "count_law", "weighted_count_masks", "level_masks",
+           "chunked_masks", "left_to_right_masks",
            "reveal_ranks", "reveal_orders", "order_masks", "batch_masks"]

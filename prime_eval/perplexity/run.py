@@ -164,7 +164,7 @@ def evaluate_perplexity(net, tokenizer, source, protocol: Protocol | None = None
                PerplexityStats(bootstrap=p.bootstrap), on_block=on_block)
     if progress is not None and progress is not False and not callable(progress):
         warnings.warn("evaluate_perplexity(progress=...) takes a callback (e.g. "
-                      "prime_eval.commands.ppl_display.PplProgressBar); no progress is shown")
+                      "prime_eval.ppl_progress.PplProgressBar); no progress is shown")
     show = progress if callable(progress) and run.dist.is_main else None
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:

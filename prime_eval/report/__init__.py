@@ -27,8 +27,6 @@ run, run failed, incompatible lm-eval version, metric missing).
 """
 from __future__ import annotations
 
-from prime_eval.intervals import Z95, binomial_se  # noqa: F401  (Z95 and binomial_se: used by prime_eval/demo.py)
-from prime_eval.intervals import normal_interval as ci95  # noqa: F401  (the name prime_eval/demo.py uses)
 from prime_eval.report.build import build  # noqa: F401
 from prime_eval.report.conventions import (FORMATS, NOT_RUN, PREFERRED_METRIC, choose_metric,  # noqa: F401
                                            order_tasks, task_label)
@@ -38,7 +36,6 @@ from prime_eval.report.loading import Collection, ModelRun, PplResult, TaskResul
 from prime_eval.report.mc_error import mc_variance, prob_correct  # noqa: F401
 from prime_eval.report.paired_table import excludes_zero, paired_difference  # noqa: F401
 from prime_eval.report.plots import make_plots  # noqa: F401
-from prime_eval.report.plots import png as _png  # noqa: F401  (the name prime_eval/demo.py uses)
 from prime_eval.report.render import (render_console, render_csv, render_html, render_latex,  # noqa: F401
                                       render_markdown, write_report)
 from prime_eval.report.table_model import Cell, Label, Report, Table  # noqa: F401

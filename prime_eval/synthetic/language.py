@@ -1,4 +1,4 @@
-"""A synthetic language with exact likelihoods: the demo's ground truth (`prime-eval demo`).
+"""The synthetic language: a random sparse automaton over pseudo-words, with exact likelihoods.
 
 The process
 -----------
@@ -33,34 +33,16 @@ Two properties make model likelihoods comparable with these numbers:
 * Words are prefix-free, so "the text continues with the string ' w1 w2'" is the same event as "the next words are
   w1, w2": the probability of a multiple-choice continuation as text (what lm-eval scores) is the exact conditional
   `Language.cond_log_prob(context, continuation)` computed here.
-
-Multiple-choice tasks (lm-eval format: `context`, `choices`, `gold`)
--------------------------------------------------------------------
-* `synth_word`: context = a document prefix; choices = the word that followed plus 3 other words of the **same class**,
-  drawn uniformly without replacement among the class's words that have positive probability after the context.
-* `synth_order`: choices = the next `order_len` symbols as generated plus 3 other orderings of the same symbols,
-  drawn uniformly among the distinct orderings that have positive probability after the context.
-
-In both, the way the distractors are drawn is symmetric: the pool they come from depends only on the context and on
-what every candidate shares (the class; the multiset of symbols), so given the candidate set, every member was equally
-likely to have produced it. So the posterior that candidate j is the one the process generated is exactly
-p(c_j | context) / Σ_i p(c_i | context), and the **Bayes-optimal answer** is the argmax of the exact conditional
-likelihood (`bayes`), with expected accuracy E[max_j posterior_j] (`bayes_expected`). This is also what a perfect
-language model scored by lm-eval's `acc` (argmax of the summed continuation log-likelihood) does.
-Continuations never contain a document's last symbol, so where the document ends plays no role.
 """
 from __future__ import annotations
 
 import itertools
-import json
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 END = 0  # symbol id of the sentence end "."
-LN2 = math.log(2.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,9 +54,9 @@ class LanguageSpec:
     """Everything that determines the language (with `seed`)."""
 
     seed: int = 0
-    n_words: int = 240
-    n_classes: int = 10
-    n_states: int = 40
+    n_words: int = 96  # few enough that the demo's BPE (V = 512) makes almost every word one token
+    n_classes: int = 6
+    n_states: int = 20
     emit_support: int = 10  # words each state can emit
     emit_concentration: float = 0.6  # Dirichlet α of a state's word distribution (smaller = peakier)
     n_successors: int = 4  # sparse transitions
@@ -349,240 +331,3 @@ def _reaches(trans: np.ndarray, k: int, targets: set) -> bool:
                 seen.add(nxt)
                 todo.append(nxt)
     return False
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Corpora and the true entropy
-
-
-def entropy_stats(nll: np.ndarray, n_bytes: np.ndarray, n_symbols: np.ndarray | None = None) -> dict:
-    """Mean NLL per document with its standard error, and the ratio estimates per byte (bits) and per symbol.
-
-    nats_per_doc = mean(nll), SE = sd(nll, ddof=1)/√n.
-    bits_per_byte = Σ nll / (ln 2 · Σ bytes); SE by the delta method for a ratio of means:
-    SE = √(Σ (nll_i − r·bytes_i)² / (n(n−1))) / mean(bytes), with r = Σ nll / Σ bytes (then / ln 2).
-    """
-    nll = np.asarray(nll, dtype=np.float64)
-    b = np.asarray(n_bytes, dtype=np.float64)
-    n = nll.size
-    out = {"docs": int(n), "nats_per_doc": float(nll.mean()),
-           "nats_per_doc_se": float(nll.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")}
-    r = nll.sum() / b.sum()
-    se_r = math.sqrt(((nll - r * b) ** 2).sum() / (n * (n - 1))) / b.mean() if n > 1 else float("nan")
-    out["bits_per_byte"] = float(r / LN2)
-    out["bits_per_byte_se"] = float(se_r / LN2)
-    out["bytes"] = int(b.sum())
-    if n_symbols is not None:
-        s = np.asarray(n_symbols, dtype=np.float64)
-        out["nats_per_symbol"] = float(nll.sum() / s.sum())
-        out["symbols"] = int(s.sum())
-    return out
-
-
-@dataclass
-class Corpus:
-    """Documents (symbol lists) with their texts and, for held-out sets, exact NLLs (nats)."""
-
-    docs: list[list[int]]
-    texts: list[str]
-    nll: np.ndarray | None = None
-
-    @property
-    def n_bytes(self) -> np.ndarray:
-        return np.array([len(t.encode("utf-8")) for t in self.texts])
-
-    def stats(self) -> dict:
-        if self.nll is None:
-            raise ValueError("no exact NLLs for this corpus")
-        return entropy_stats(self.nll, self.n_bytes, np.array([len(d) for d in self.docs]))
-
-
-def make_corpus(lang: Language, n_docs: int, seed: int, stream: int, with_nll: bool = False) -> Corpus:
-    """n_docs documents from an independent random stream (`stream` separates train / held-out / tasks)."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC0DE, stream]))
-    docs = lang.sample_documents(n_docs, rng)
-    texts = [lang.render(d) for d in docs]
-    nll = np.array([-lang.log_prob(d) for d in docs]) if with_nll else None
-    return Corpus(docs, texts, nll)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Multiple-choice tasks
-
-
-def _posterior(logps: list[float]) -> np.ndarray:
-    lp = np.asarray(logps, dtype=np.float64)
-    m = lp.max()
-    w = np.exp(lp - m)
-    return w / w.sum()
-
-
-def _finish(lang: Language, doc_id: int, ctx: list[int], cands: list[tuple[int, ...]], gold: int, task: str) -> dict:
-    a, _ = lang.forward(ctx)
-    logps = [lang.forward(c, a)[1] for c in cands]
-    post = _posterior(logps)
-    ctx_text = lang.render(ctx)
-    choices = [lang.render(c) for c in cands]
-    full = lang.render(list(ctx) + list(cands[gold]))
-    assert full == ctx_text + " " + choices[gold], "rendering must split at the context boundary"
-    return {"id": doc_id, "task": task, "context": ctx_text, "choices": choices, "gold": gold,
-            "true_logp": [float(x) for x in logps], "bayes": int(np.argmax(logps)),
-            "posterior": [float(x) for x in post], "bayes_correct": bool(int(np.argmax(logps)) == gold)}
-
-
-def make_word_task(lang: Language, docs: list[list[int]], seed: int, n_choices: int = 4,
-                   min_context: int = 3, limit: int | None = None) -> list[dict]:
-    """Next word among `n_choices` words of the same class: the true one plus distractors drawn uniformly among the
-    other words of its class that have positive probability after the context."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7A5C, 1]))
-    out: list[dict] = []
-    for d in docs:
-        if limit is not None and len(out) >= limit:
-            break
-        # cut positions t: the symbol at t is a word and is not the document's last symbol
-        cut = [t for t in range(min_context, len(d) - 1) if d[t] != END]
-        rng.shuffle(cut)
-        for t in cut:
-            w = d[t]
-            probs = lang.next_symbol_probs(d[:t])
-            members = [int(m) for m in lang.class_members(int(lang.word_class[w])) if m != w and probs[m] > 0]
-            if len(members) < n_choices - 1:
-                continue
-            others = rng.choice(members, size=n_choices - 1, replace=False).tolist()
-            gold = int(rng.integers(n_choices))
-            words = others[:gold] + [w] + others[gold:]
-            out.append(_finish(lang, len(out), d[:t], [(x,) for x in words], gold, "synth_word"))
-            break
-    return out
-
-
-def make_order_task(lang: Language, docs: list[list[int]], seed: int, n_choices: int = 4, order_len: int = 5,
-                    min_context: int = 2, limit: int | None = None) -> list[dict]:
-    """The original order of the next `order_len` symbols among `n_choices` orderings: distractors are drawn
-    uniformly among the other orderings that have positive probability after the context."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7A5C, 2]))
-    index = np.array(list(itertools.permutations(range(order_len))))  # (order_len!, order_len)
-    out: list[dict] = []
-    for d in docs:
-        if limit is not None and len(out) >= limit:
-            break
-        cut = [t for t in range(min_context, len(d) - order_len) if d[t] != END]
-        rng.shuffle(cut)
-        for t in cut:
-            seg = tuple(d[t:t + order_len])
-            cand = np.unique(np.asarray(seg)[index], axis=0)  # distinct orderings, sorted
-            ok = (cand[:, 0] != END) & ~((cand[:, 1:] == END) & (cand[:, :-1] == END)).any(1)
-            ok &= ~(cand == np.asarray(seg)).all(1)
-            cand = cand[ok]
-            if len(cand) < n_choices - 1:
-                continue
-            a, _ = lang.forward(d[:t])
-            lp = lang.batch_log_prob(cand, a)
-            perms = [tuple(int(x) for x in row) for row in cand[lp > -math.inf]]
-            if len(perms) < n_choices - 1:
-                continue
-            pick = rng.choice(len(perms), size=n_choices - 1, replace=False)
-            others = [perms[i] for i in pick]
-            gold = int(rng.integers(n_choices))
-            cands = others[:gold] + [seg] + others[gold:]
-            out.append(_finish(lang, len(out), d[:t], cands, gold, "synth_order"))
-            break
-    return out
-
-
-def task_summary(docs: list[dict]) -> dict:
-    """Bayes-optimal accuracy: realised on these documents (argmax p == gold) and expected (mean max posterior)."""
-    c = np.array([d["bayes_correct"] for d in docs], dtype=np.float64)
-    m = np.array([max(d["posterior"]) for d in docs])
-    n = len(docs)
-    return {"docs": n, "choices": len(docs[0]["choices"]) if docs else 0,
-            "bayes_acc": float(c.mean()), "bayes_acc_se": float(c.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
-            "bayes_expected": float(m.mean()), "bayes_expected_se": float(m.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
-            "chance": 1.0 / len(docs[0]["choices"]) if docs else 0.0}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# One call: everything the demo needs
-
-
-@dataclass
-class SyntheticData:
-    language: Language
-    train: Corpus
-    heldout: Corpus
-    tasks: dict[str, list[dict]] = field(default_factory=dict)
-
-    def summary(self) -> dict:
-        return {"spec": self.language.spec.key() if self.language.spec else None,
-                "n_words": self.language.n_symbols - 1, "n_states": self.language.n_states,
-                "train_docs": len(self.train.docs), "train_bytes": int(self.train.n_bytes.sum()),
-                "heldout": self.heldout.stats(),
-                "tasks": {k: task_summary(v) for k, v in self.tasks.items()}}
-
-
-def generate(spec: LanguageSpec, n_train: int, n_heldout: int, n_task_items: int) -> SyntheticData:
-    """The language, a training corpus, a held-out corpus with exact NLLs, and the two multiple-choice tasks with
-    `n_task_items` questions each (from a third independent stream of documents; one question per document)."""
-    lang = Language.from_spec(spec)
-    train = make_corpus(lang, n_train, spec.seed, stream=1)
-    heldout = make_corpus(lang, n_heldout, spec.seed, stream=2, with_nll=True)
-    task_docs = make_corpus(lang, 8 * n_task_items, spec.seed, stream=3).docs
-    tasks = {"synth_word": make_word_task(lang, task_docs, spec.seed, limit=n_task_items),
-             "synth_order": make_order_task(lang, task_docs, spec.seed, limit=n_task_items)}
-    for name, items in tasks.items():
-        if len(items) < n_task_items:
-            raise RuntimeError(f"only {len(items)} of {n_task_items} {name} questions could be drawn; "
-                               "the language is too sparse for this task")
-    return SyntheticData(lang, train, heldout, tasks)
-
-
-TASK_DESCRIPTIONS = {
-    "synth_word": "next word among 4 words of its class",
-    "synth_order": "original order of the next 5 symbols among 4 orderings",
-}
-
-
-def task_config(task: str, data_file: Path) -> dict:
-    """The lm-eval task config (multiple_choice, acc and acc_norm) reading `data_file` (JSONL, split `test`)."""
-    return {
-        "task": task, "dataset_path": "json", "dataset_name": None,
-        "dataset_kwargs": {"data_files": {"test": str(Path(data_file).resolve())}},
-        "test_split": "test", "output_type": "multiple_choice",
-        "doc_to_text": "context", "doc_to_choice": "choices", "doc_to_target": "gold", "target_delimiter": " ",
-        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
-        "metadata": {"version": 1.0},
-    }
-
-
-def task_yaml(task: str, data_file: Path) -> str:
-    """The task's YAML text (`prime_eval.tasks.task_yaml`, the project's one YAML emitter)."""
-    from prime_eval.tasks import task_yaml as emit
-
-    return emit(task_config(task, data_file), f"generated by prime_eval.demo: {TASK_DESCRIPTIONS.get(task, task)}")
-
-
-def write_tasks(data: SyntheticData, data_dir: str | Path, yaml_dir: str | Path) -> dict[str, Path]:
-    """`data_dir/<task>/test.jsonl` for each task and `yaml_dir/<task>.yaml`; returns task -> JSONL path."""
-    from prime_eval.io import atomic_write_text
-
-    data_dir, yaml_dir = Path(data_dir), Path(yaml_dir)
-    yaml_dir.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for task, docs in data.tasks.items():
-        f = data_dir / task / "test.jsonl"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
-        atomic_write_text(yaml_dir / f"{task}.yaml", task_yaml(task, f))
-        out[task] = f
-    return out
-
-
-def write_heldout(data: SyntheticData, path: str | Path) -> Path:
-    """JSONL of the held-out documents: {"id", "text", "nll" (exact, nats), "bytes", "symbols"}."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h = data.heldout
-    lines = [json.dumps({"id": i, "text": t, "nll": float(nl), "bytes": len(t.encode("utf-8")), "symbols": len(d)})
-             for i, (t, nl, d) in enumerate(zip(h.texts, h.nll, h.docs))]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
