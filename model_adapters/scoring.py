@@ -5,8 +5,11 @@ adaptive rounds (`prime_eval.adaptive`). A job's next *step* (its request, or ev
 next round) becomes Monte Carlo rows drawn from the request's own generator: seed, or sha256(seed, "round", r) for
 round r. Nothing a request gets depends on which other requests share its chunk or its forward pass.
 
-Chunks. Steps are packed into chunks of at most `chunk_rows` forward rows (and `max_logits` logits; a step larger than
-that is a chunk of its own); documents already started come first, so documents finish early. After each chunk:
+Chunks. Steps are packed into chunks of at most `chunk_rows` forward rows (and `max_logits` logit rows; a step larger
+than that is a chunk of its own); documents already started come first, so documents finish early. The diffusion
+families reduce the logits as each head call returns (`terms`, `estimators.rows.forward_terms`), so neither a chunk's
+nor one request's logits are ever held at once (a Prime request of 1,024 samples at V = 32,000 has ~3 GB of them);
+ARM holds a chunk's logits (one row per request, and `is_greedy` reads them). After each chunk:
 the costs, `is_greedy` where it is wanted, the stopping decision of every document whose round is complete, and ONE
 cache transaction holding the final result of every request that became final (fixed: scored; adaptive: stopped)
 and the values of the rounds of documents still running. A kill loses at most the chunk being scored. A rerun
@@ -78,9 +81,12 @@ class ScoreCounters:
 class RequestScorer:
     """Scores request items (dicts with x, n, seed, chars, task, doc_id, choice, single_request) in place.
 
-    forward(rows_list) -> logits per Rows (the batch-invariant packed forward); greedy(items) sets is_greedy and
-    greedy_rows of diffusion requests (None: ARM, from the logits); greedy_mode True / False / None (auto: only
-    requests that are their document's only one); rule: the adaptive stopping rule (None: fixed samples).
+    forward(rows_list) -> logits per Rows (the batch-invariant packed forward); terms(rows_list) -> (index, the
+    estimator's per-position terms) per Rows (`forward_terms`: logits reduced as each head call returns, so memory
+    never holds a chunk's, nor one request's, logits; when given, used instead of `forward`); greedy(items) sets
+    is_greedy and greedy_rows of diffusion requests (None: ARM, from the logits, so ARM needs `forward`);
+    greedy_mode True / False / None (auto: only requests that are their document's only one); rule: the adaptive
+    stopping rule (None: fixed samples).
     """
 
     net: object
@@ -91,6 +97,7 @@ class RequestScorer:
     max_logits: int
     rule: AdaptiveRule | None = None
     greedy: Callable | None = None
+    terms: Callable | None = None
     greedy_mode: bool | None = None
     cache: object = None
     desc: str = "loglikelihood"
@@ -183,9 +190,16 @@ class RequestScorer:
 
     def _score_chunk(self, chunk: list) -> None:
         units = [u for _, step in chunk for u in step]
-        logits_list = self.forward([r for _, r, _ in units])
-        for (it, r, rnd), logits in zip(units, logits_list):
-            values = self.est.cost(r, logits)
+        rows_list = [r for _, r, _ in units]
+        if self.terms is not None:  # reduced as they come: the same values as `cost` on all the logits, bit for bit
+            values_list = [None] * len(units)
+            for i, terms in self.terms(rows_list):
+                values_list[i] = self.est.cost_from_terms(rows_list[i], terms)
+            logits_list = [None] * len(units)
+        else:
+            logits_list = self.forward(rows_list)
+            values_list = [self.est.cost(r, logits) for r, logits in zip(rows_list, logits_list)]
+        for (it, r, rnd), logits, values in zip(units, logits_list, values_list):
             rows = _rows(r)
             self.counters.rows_computed += rows
             if rnd is None:  # fixed samples: final now

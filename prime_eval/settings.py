@@ -187,7 +187,8 @@ class Settings:
     chunk_rows: int | None = setting(None, "forward rows per chunk of requests (default 8 × rows_per_pass); the "
                                      "results of a chunk are stored together, so a killed run loses at most "
                                      "one chunk", check=_at_least(1))
-    max_logits_mb: float = setting(2048, "memory cap on the logits of one chunk (MB)", check=_positive)
+    max_logits_mb: float = setting(2048, "size cap of one chunk, as the MB of its logits (arm holds them; "
+                                   "mdm and prime reduce them as they come)", check=_positive)
     pack: str = setting("bucket", "rows sharing a pass: bucket (padded to a multiple of 32 tokens; ARM: each "
                         "context once, continuations padded to a multiple of 8), length (one length), request (each "
                         "request in passes of its own: the same bits as bucket); a request's numbers never depend on "

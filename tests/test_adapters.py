@@ -332,6 +332,42 @@ def _record_passes(net) -> list[int]:
     return rows
 
 
+@pytest.mark.parametrize("family", ["mdm", "prime"])
+def test_a_request_s_logits_are_reduced_as_they_come(gpt2_tok, family, monkeypatch):
+    """The diffusion adapters reduce each head call's logits before the next, so a request of many samples never
+    holds all its logits (a Prime request of 1,024 samples at V = 32,000 held ~3 GB of them and needed ~10 GB in all,
+    which kept the Diff_LLaMA_6M Prime adaptive benchmark off a 24 GiB machine); and the values do not depend on how a
+    request's logits are split into reductions or its requests into chunks: the same bits as `cost` on all of them."""
+    import weakref
+
+    import prime_eval.estimators.rows as R
+
+    net = TinyDenoiser(family, len(gpt2_tok), **({"ell": 4, "base": 15} if family == "prime" else {}), seed=2)
+    reqs = _requests(4)
+    alive, outputs, head = [], [], net.head
+
+    def watched(h, inputs=None):
+        alive.append(sum(r() is not None for r in outputs))
+        out = head(h, inputs)
+        outputs.append(weakref.ref(out))
+        return out
+
+    net.head = watched
+    monkeypatch.setattr(R, "HEAD_ROWS", 16)  # many head calls from few rows
+    make = dict(model=net, tokenizer=gpt2_tok, samples=32, adaptive="false", greedy="false", rows_per_pass=16)
+    make_lm = MDMLM if family == "mdm" else PrimeLM
+    held = make_lm(**make)
+    held._terms = None  # the scorer's other path: every logit of a chunk held, then `cost`
+    whole = held.loglikelihood(reqs)
+    assert max(alive) > 2  # what the watch sees when logits are held
+    alive.clear()
+    default = make_lm(**make).loglikelihood(reqs)
+    assert len(alive) > 2 * len(reqs) and max(alive) <= 1  # only the previous head call's logits, being reduced
+    monkeypatch.setattr(R, "logits_chunk_rows", lambda vocab_size: 7)  # reductions of 7 logit rows
+    split = make_lm(**make, max_logits_mb=0.001).loglikelihood(reqs)  # a chunk per request
+    assert default == whole and split == whole
+
+
 def test_stats_say_whether_is_greedy_was_computed(gpt2_tok):
     """greedy=auto skips multiple-choice documents: their is_greedy is false because it was not computed."""
     net = TinyDenoiser("mdm", len(gpt2_tok), seed=2)

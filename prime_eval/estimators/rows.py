@@ -10,7 +10,10 @@ never changes the draws.
     for r, terms in forward_terms(net, est, rows):    est.cost_from_terms(rows[r], terms)      # memory stays flat
 
 `cost` = `cost_from_terms` ∘ `logit_terms`: the logits are reduced to the per-position values the cost needs
-(-log p of the target; Prime: the true digits' marginals), which `forward_terms` does as each head call returns.
+(-log p of the target; Prime: the true digits' marginals), which `forward_terms` does as each head call returns
+(`ppl`, and the `mdm` / `prime` adapters: a request's logits are never all held, whatever its samples). The reduction
+is row by row (Prime's marginal matmul in blocks of fixed shape, `matmul_fixed_rows`), so reducing a request's logits
+in chunks of any size gives the bits of `cost` on all of them.
 
 Fixed shapes. A CPU BLAS (and a GPU library) picks its kernel, and with it a row's rounding, by the shapes of the
 matrices, though within one shape a row's result depends on that row alone (not on its slot or the other rows). So
@@ -140,14 +143,31 @@ def head_logits(net, hidden: torch.Tensor, inputs: torch.Tensor | None = None, *
     for a in range(0, N, C):
         n = min(C, N - a)
         h, x = hidden[a:a + n], None if inputs is None else inputs[a:a + n]
-        if fixed:  # a fresh buffer of one shape: the same kernel, alignment and summation order for every call
-            h = torch.cat([h, h.new_zeros(C - n, *h.shape[1:])]) if n < C else h.clone()
-            x = None if x is None else torch.cat([x, x.new_zeros(C - n, *x.shape[1:])])
+        if fixed:
+            h, x = padded_rows(h, C), None if x is None else padded_rows(x, C)
         with torch.no_grad():
             logits = net.head(h, x)
         if logits.dtype not in (torch.float32, torch.float64):
             logits = logits.float()  # costs stay on the device, in fp32 (fp64 for exact audit networks)
         yield a, logits[:n]
+
+
+def padded_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x (n, ...), n ≤ rows, in a fresh tensor of exactly `rows` rows (zeros below): one shape, so the same kernel,
+    alignment and summation order for every block (module docstring, "Fixed shapes")."""
+    n = x.shape[0]
+    return torch.cat([x, x.new_zeros(rows - n, *x.shape[1:])]) if n < rows else x.clone()
+
+
+def matmul_fixed_rows(a: torch.Tensor, b: torch.Tensor, rows: int = HEAD_ROWS) -> torch.Tensor:
+    """a (N, k) @ b (k, m) computed `rows` rows of a at a time (`padded_rows`): a row's result does not depend on N
+    or on the other rows, so reducing a request's logits in chunks of any size gives the same bits (Prime's digit
+    marginals, `PrimeEstimator.logit_terms`)."""
+    N = a.shape[0]
+    if N == 0:
+        return a @ b
+    out = [(padded_rows(a[s:s + rows], rows) @ b)[:min(rows, N - s)] for s in range(0, N, rows)]
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def network_device(net) -> torch.device:
