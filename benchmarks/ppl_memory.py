@@ -10,8 +10,9 @@ tokenizer, libraries) and their difference, the memory of the loop itself:
   * plain: for each batch of B blocks, t ~ U(0,1) per block, mask each position with prob t, logits = net(x_t)
            (B, L, V) and the weighted cross-entropy of the masked positions: the loop anyone would write.
   * ppl:   `evaluate_perplexity` with batch_size=B over the same text (it reads the same blocks).
-Both hold one pass's logits (what the network returns); before issue 14, ppl also held the logits of every row of a
-step plus a copy per block (4.4 GB against 1.6 GB at this size).
+The plain loop holds one pass's logits (B·L·V floats, what the network returns). ppl holds one pass's hidden states
+(B·L·d) and the logits of one head call (256 rows × V) at a time, so its memory stays flat in B (before issue 14 it
+also held the logits of every row of a step plus a copy per block: 4.4 GB against 1.6 GB at this size).
 
 Corpus (--streaming). Each size runs in a fresh process over a .txt file of that many MB, read as blank-line-separated
 paragraphs: tokenize, block (wrap, L), score, accumulate, exactly as `prime-eval ppl` does. The network is a unigram
@@ -33,6 +34,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from prime_eval.networks.contract import HiddenHead  # noqa: E402
+
 
 def rss_mb() -> float:
     """Current resident set size (MB), from /proc/self/statm."""
@@ -44,8 +48,9 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class UnigramARM(nn.Module):
-    """The cheapest network of the contract: p(x_i | x_<i) = softmax(bias), whatever the context."""
+class UnigramARM(HiddenHead, nn.Module):
+    """The cheapest network of the contract: p(x_i | x_<i) = softmax(bias), whatever the context (hidden states of
+    width 0, a head that returns the bias)."""
 
     family, ell, base, mask_id, max_length = "arm", 1, None, None, 1 << 20
 
@@ -54,10 +59,11 @@ class UnigramARM(nn.Module):
         self.vocab_size = vocab_size
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
-    def forward(self, idx, *, attention_mask=None, logits_at=None):
-        n = int(logits_at.sum()) if logits_at is not None else idx.numel()
-        out = self.bias.expand(n, -1)
-        return out if logits_at is not None else out.view(*idx.shape, -1)
+    def hidden(self, idx, *, attention_mask=None, at=None):
+        return self.bias.new_zeros(*idx.shape, 0) if at is None else self.bias.new_zeros(int(at.sum()), 0)
+
+    def head(self, h, inputs=None):
+        return self.bias.expand(*h.shape[:-1], -1)
 
 
 def make_corpus(path: Path, megabytes: float, data: Path) -> None:

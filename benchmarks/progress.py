@@ -67,7 +67,13 @@ def main() -> None:
     net = TransEncoder(cfg).eval()
     S.tqdm = Recorder
     passes = []
-    net.register_forward_pre_hook(lambda _m, a: passes.append(int(a[0].shape[0])) and None)
+    hidden = net.hidden
+
+    def counted(idx, **kwargs):  # a forward pass runs the trunk (`hidden`), then the head
+        passes.append(int(idx.shape[0]))
+        return hidden(idx, **kwargs)
+
+    net.hidden = counted
     lm = MDMLM(model=net, tokenizer=str(DATA / "tokenizers" / "gpt2"), device="cpu")
     tm = build_task_manager(DATA, ["piqa"])
     t0 = time.perf_counter()

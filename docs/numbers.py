@@ -209,8 +209,10 @@ VARIANCE_ARGS = {"demo": ("--scale", "demo", "--docs", "10", "--repeats", "6", "
                           "exact_count", "sqrt_count"),
                  "llama": ("--scale", "llama", "--docs", "6", "--repeats", "4", "--passes", "32", "--estimators",
                            "exact_count", "sqrt_count")}
-# llama: MDM only; Prime's fixed 1,024-sample run needs more than this machine's 24 GiB (one V = 32,000 request's
-# 1,024 samples are scored as one chunk by model_adapters/scoring.py)
+# llama: MDM only. When this was measured, Prime's fixed 1,024-sample run needed more than this machine's 24 GiB
+# (model_adapters/scoring.py held all the logits of one V = 32,000 request's 1,024 samples: ~3 GB of logits, ~10 GB
+# peak for a 60-token request). The adapters now reduce each head call's logits before the next (peak RSS ~0.7 GB
+# for the same request with a tiny network), so "--families", "mdm", "prime" should fit; not rerun (an hour of CPU).
 ADAPTIVE_ARGS = {"demo": ("--scale", "demo"), "llama": ("--scale", "llama", "--docs", "8", "--families", "mdm")}
 
 TIME_ROW = r"│ time .*│\n"

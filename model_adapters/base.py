@@ -35,7 +35,7 @@ from tqdm import tqdm
 from prime_eval import distributed as D
 from prime_eval.adaptive import AdaptiveRule
 from prime_eval.errors import UserError
-from prime_eval.estimators import ESTIMATORS, forward_rows_batch_invariant, get_estimator
+from prime_eval.estimators import ESTIMATORS, forward_rows_batch_invariant, forward_terms, get_estimator
 from prime_eval.loading import load_model
 from prime_eval.settings import DEFAULT_SCORE_ESTIMATOR, Settings, merge_lm_eval_args
 from model_adapters import generate_until as G
@@ -252,7 +252,8 @@ class PrimeEvalLM(TemplateLM):
             max_logits=max(1, int(float(s.max_logits_mb) * 2**20 / (12 * self.net.vocab_size))),  # fp32 + fp64 copy
             rule=AdaptiveRule(cap=s.samples, round_samples=s.round_samples, confidence=s.confidence,
                               target_se=s.target_se, futility_after=s.futility_after) if self.adaptive else None,
-            greedy=None if self.family == "arm" else self._greedy, greedy_mode=s.greedy, cache=self.cache,
+            greedy=None if self.family == "arm" else self._greedy, terms=None if self.family == "arm" else self._terms,
+            greedy_mode=s.greedy, cache=self.cache,
             desc=f"{self.family} {kind}", counters=self.counters)
         scorer.score(list(unique.values()), progress=not disable_tqdm and self.rank == 0)
         for it, src in copies:
@@ -261,6 +262,11 @@ class PrimeEvalLM(TemplateLM):
     def _forward(self, rows_list: list) -> list:
         """Logits of many requests' rows, in passes whose make-up cannot change a request's numbers."""
         return forward_rows_batch_invariant(self.net, rows_list, self.rows_per_pass, pack=self.settings.pack)
+
+    def _terms(self, rows_list: list):
+        """The estimator's per-position terms of many requests' rows, in the passes of `_forward`, the logits reduced
+        as they come (`forward_terms`): (index, terms) per Rows."""
+        return forward_terms(self.net, self.est, rows_list, self.rows_per_pass, pack=self.settings.pack)
 
     def _record(self, it: dict) -> None:
         self.stats.append({

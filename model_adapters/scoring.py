@@ -5,19 +5,23 @@ adaptive rounds (`prime_eval.adaptive`). A job's next *step* (its request, or ev
 next round) becomes Monte Carlo rows drawn from the request's own generator: seed, or sha256(seed, "round", r) for
 round r. Nothing a request gets depends on which other requests share its chunk or its forward pass.
 
-Chunks. Steps are packed into chunks of at most `chunk_rows` forward rows (and `max_logits` logits; a step larger than
-that is a chunk of its own); documents already started come first, so documents finish early. After each chunk:
+Chunks. Steps are packed into chunks of at most `chunk_rows` forward rows (and `max_logits` logit rows; a step larger
+than that is a chunk of its own); documents already started come first, so documents finish early. The diffusion
+families reduce the logits as each head call returns (`terms`, `estimators.rows.forward_terms`), so neither a chunk's
+nor one request's logits are ever held at once (a Prime request of 1,024 samples at V = 32,000 has ~3 GB of them);
+ARM holds a chunk's logits (one row per request, and `is_greedy` reads them). After each chunk:
 the costs, `is_greedy` where it is wanted, the stopping decision of every document whose round is complete, and ONE
 cache transaction holding the final result of every request that became final (fixed: scored; adaptive: stopped)
 and the values of the rounds of documents still running. A kill loses at most the chunk being scored. A rerun
 reads the final results and the stored rounds, replays the stopping decisions on the stored values (a pure
 function, so it stops where the killed run would have) and computes only what was not stored: the same numbers.
 
-Progress. One bar per call, counting forward rows, advanced as every forward pass goes through the network's blocks
-(forward hooks; `_counting_rows`). Its total is the rows done plus a running estimate of the rows left: a request's
-rows per sample once its first step is built (before that, the mean over built steps); for an adaptive document, a
-Kaplan–Meier estimate of its final number of samples from the stopping decisions made so far, per round
-(`_expected_samples`, hazards smoothed by Laplace's rule); for `is_greedy`, n passes per request (its maximum).
+Progress. One bar per call, counting forward rows (dummy rows of fixed-shape passes excluded), advanced as every
+forward pass goes through the network's blocks (forward hooks; `_counting_rows`). Its total is the rows done plus a
+running estimate of the rows left: a request's rows per sample once its first step is built (before that, the mean
+over built steps); for an adaptive document, a Kaplan–Meier estimate of its final number of samples from the stopping
+decisions made so far, per round (`_expected_samples`, hazards smoothed by Laplace's rule); for `is_greedy`, n passes
+per request (its maximum).
 """
 from __future__ import annotations
 
@@ -77,9 +81,12 @@ class ScoreCounters:
 class RequestScorer:
     """Scores request items (dicts with x, n, seed, chars, task, doc_id, choice, single_request) in place.
 
-    forward(rows_list) -> logits per Rows (the batch-invariant packed forward); greedy(items) sets is_greedy and
-    greedy_rows of diffusion requests (None: ARM, from the logits); greedy_mode True / False / None (auto: only
-    requests that are their document's only one); rule: the adaptive stopping rule (None: fixed samples).
+    forward(rows_list) -> logits per Rows (the batch-invariant packed forward); terms(rows_list) -> (index, the
+    estimator's per-position terms) per Rows (`forward_terms`: logits reduced as each head call returns, so memory
+    never holds a chunk's, nor one request's, logits; when given, used instead of `forward`); greedy(items) sets
+    is_greedy and greedy_rows of diffusion requests (None: ARM, from the logits, so ARM needs `forward`);
+    greedy_mode True / False / None (auto: only requests that are their document's only one); rule: the adaptive
+    stopping rule (None: fixed samples).
     """
 
     net: object
@@ -90,6 +97,7 @@ class RequestScorer:
     max_logits: int
     rule: AdaptiveRule | None = None
     greedy: Callable | None = None
+    terms: Callable | None = None
     greedy_mode: bool | None = None
     cache: object = None
     desc: str = "loglikelihood"
@@ -182,9 +190,16 @@ class RequestScorer:
 
     def _score_chunk(self, chunk: list) -> None:
         units = [u for _, step in chunk for u in step]
-        logits_list = self.forward([r for _, r, _ in units])
-        for (it, r, rnd), logits in zip(units, logits_list):
-            values = self.est.cost(r, logits)
+        rows_list = [r for _, r, _ in units]
+        if self.terms is not None:  # reduced as they come: the same values as `cost` on all the logits, bit for bit
+            values_list = [None] * len(units)
+            for i, terms in self.terms(rows_list):
+                values_list[i] = self.est.cost_from_terms(rows_list[i], terms)
+            logits_list = [None] * len(units)
+        else:
+            logits_list = self.forward(rows_list)
+            values_list = [self.est.cost(r, logits) for r, logits in zip(rows_list, logits_list)]
+        for (it, r, rnd), logits, values in zip(units, logits_list, values_list):
             rows = _rows(r)
             self.counters.rows_computed += rows
             if rnd is None:  # fixed samples: final now
@@ -375,49 +390,50 @@ def _round_value(it: dict, r) -> dict:
 def _counting_rows(net, bar):
     """Advance `bar` by the rows of every forward pass of `net` while scoring, block by block where the network has
     a stack of blocks (its largest ModuleList): a pass of R rows through B blocks moves the bar B times by ~R/B, so
-    the bar moves several times per pass even on a slow CPU. The pass's rows are complete when it returns."""
+    the bar moves several times per pass even on a slow CPU. A pass is a call of the network's trunk (`hidden`,
+    `hidden_cached`) or of `forward` / `forward_cached`; its rows are those with positions that need logits (`at`;
+    dummy rows that fill a pass of fixed shape are not counted), complete when the call returns."""
     if bar.disable or not isinstance(net, torch.nn.Module):
         yield
         return
     lists = [m for m in net.modules() if isinstance(m, torch.nn.ModuleList)]
     blocks = list(max(lists, key=len)) if lists else []
-    state = {"rows": 0, "done": 0, "blocks": 0}
+    state = {"rows": 0, "done": 0, "blocks": 0, "depth": 0}
 
     def advance(upto: int) -> None:
         if upto > state["done"]:
             bar.update(upto - state["done"])
             state["done"] = upto
 
-    def start(_module, args) -> None:  # hooks return None: inputs and outputs are left as they are
-        advance(state["rows"])  # a pass that did not return (cannot happen) is complete
-        state.update(rows=int(args[0].shape[0]) if args else 0, done=0, blocks=0)
-
     def block_done(_module, _args, _out) -> None:
         state["blocks"] = min(state["blocks"] + 1, len(blocks))
         advance(state["rows"] * state["blocks"] // (len(blocks) + 1))  # the head's share is left for the end
 
-    def end(_module, _args, _out) -> None:
-        advance(state["rows"])
-        state["rows"] = state["done"] = 0
+    def counted(method):
+        def call(idx, *args, **kwargs):
+            if state["depth"]:  # a pass inside a pass (forward calls hidden): counted once, by the outer call
+                return method(idx, *args, **kwargs)
+            at = kwargs.get("at", kwargs.get("logits_at"))
+            advance(state["rows"])  # a pass that did not return (cannot happen) is complete
+            state.update(rows=int(idx.shape[0]) if at is None else int(at.any(1).sum()), done=0, blocks=0, depth=1)
+            try:
+                return method(idx, *args, **kwargs)
+            finally:
+                advance(state["rows"])
+                state.update(rows=0, done=0, depth=0)
+        return call
 
-    handles = [net.register_forward_pre_hook(start), net.register_forward_hook(end)]
-    handles += [b.register_forward_hook(block_done) for b in blocks]
-    cached = getattr(net, "forward_cached", None)
-    shadowed = net.__dict__.get("forward_cached")  # an instance attribute already there (restored below)
-    if callable(cached):  # passes over a key/value cache (ARM) do not go through forward: count them too
-        def counted(idx, *args, **kwargs):
-            start(net, (idx,))
-            out = cached(idx, *args, **kwargs)
-            end(net, None, None)
-            return out
-
-        net.forward_cached = counted  # an instance attribute: shadows the method until deleted below
+    handles = [b.register_forward_hook(block_done) for b in blocks]
+    names = [n for n in ("forward", "hidden", "forward_cached", "hidden_cached") if callable(getattr(net, n, None))]
+    shadowed = {n: net.__dict__[n] for n in names if n in net.__dict__}  # instance attributes (restored below)
+    for n in names:  # instance attributes: shadow the methods until deleted below (`net(...)` calls type's forward)
+        setattr(net, n, counted(getattr(net, n)))
     try:
         yield
     finally:
         for h in handles:
             h.remove()
-        if callable(cached):
-            del net.forward_cached
-            if shadowed is not None:
-                net.forward_cached = shadowed
+        for n in names:
+            delattr(net, n)
+            if n in shadowed:
+                setattr(net, n, shadowed[n])

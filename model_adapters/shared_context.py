@@ -1,25 +1,27 @@
-"""ARM scoring that runs each shared context once (issue 17): the choices of a multiple-choice document share their
-context, so its keys and values are computed once and every continuation attends to them.
+"""ARM scoring that runs each context once (issue 17): the choices of a multiple-choice document share their context,
+so its keys and values are computed once and every continuation runs on top of them.
 
 An ARM request's row is x[:-1] with logits at the positions C-1 … T-1 that predict its continuation (x = context C
-tokens + continuation n tokens, T = C + n - 1). The requests of a chunk that share a context become ONE row
-(`prime_eval.networks.kv_cache.shared_prefix_rows`): the context once, then the inputs x[C:T] of each continuation,
-each attending to the context's keys and values and to its own earlier tokens only, at the positions it has in its
-own sequence. The logits at the context's last token predict every choice's first token; those at a continuation's
-tokens predict the rest. Compared with lm-eval `hf` (one row per choice, the context recomputed each time) the pass
-holds C + Σ n_j tokens instead of Σ (C + n_j), and one row per document instead of one per choice; the logits equal
-the full rows' up to float rounding (a different summation shape).
+tokens + continuation n tokens, T = C + n - 1). Its logits come from two kinds of passes over the network's key/value
+cache (`prime_eval.networks.kv_cache`):
 
-Only contexts with several requests are shared, in rows of at most `MAX_SHARED_TOKENS` (a context with more
-continuations than fit gets several rows); a request alone with its context (a loglikelihood task, a rolling window)
-keeps its own plain causal row (`forward_rows_batch_invariant`), as does a continuation too long for a shared row.
-Packing (`pack`): `bucket` (default) — shared rows longest first, `rows_per_pass` per pass (fewer where the pass's
-T×T attention mask would exceed `MASK_ENTRIES`), right-padded to the longest; `length` — passes of rows of one
-length (no padding); `request` — no sharing: each request's own row in passes of its own, so a request's numbers
-cannot depend on what else is scored.
-With `bucket` and `length` a request's log-likelihood depends in the last bits (~1e-7 relative) on the rows it
-shares passes with: CPU matrix multiplications round a row differently for different numbers of rows, and padding
-changes the attention's summation.
+    1. context passes: each distinct context x[:C] once, as a causal row; its hidden state at the last token gives the
+       logits that predict the continuation's first token, and its keys / values are kept for step 2;
+    2. continuation passes: the inputs x[C:T] of each request (n - 1 tokens; none when n = 1) over its context's
+       keys / values, at the positions they have in the request's own sequence.
+
+Compared with lm-eval `hf` (one row per choice, the context recomputed each time) a document costs C + Σ (n_j - 1)
+tokens instead of Σ (C + n_j); the logits equal the full rows' up to float rounding (a different summation shape).
+
+Fixed shapes (docs/adapters.md, "Bits and batches"): a context is padded to a multiple of `bucket` tokens (S) and a
+continuation to a multiple of `bucket // 4` (Lc); a context pass holds exactly `context_rows(S)` rows and a continuation
+pass exactly `continuation_rows(S, Lc)` rows (dummy rows fill the last pass of a group), and the head runs on
+`HEAD_ROWS` hidden states at a time (`estimators.rows.head_logits`). Every computation a request's logits go through
+then has a shape fixed by its own lengths and `rows_per_pass`, and the kernels give each row the same bits whatever
+the other rows hold, so its log-likelihood never depends on which requests are scored with it, in what order, in how
+many processes, or on what a resumed run still had to compute. Packing (`pack`): `bucket` (default) as above;
+`length` — no padding: passes of contexts of one length and continuations of one length; `request` — each request
+in passes of its own (its context run for it alone): the same shapes, so the same bits, as `bucket`.
 """
 from __future__ import annotations
 
@@ -28,12 +30,20 @@ from collections.abc import Sequence
 import torch
 
 from prime_eval.errors import UserError
-from prime_eval.estimators.rows import PACKING, Rows, forward_rows_batch_invariant
-from prime_eval.networks.kv_cache import shared_prefix_rows
+from prime_eval.estimators.rows import (PACKING, Pass, Rows, bucket_length, forward_rows_batch_invariant,
+                                        network_device)
+
+MASK_ENTRIES = 2**24  # a pass's attention mask (rows × queries × keys) stays below this many entries
 
 
-MAX_SHARED_TOKENS = 1024  # tokens of one shared row
-MASK_ENTRIES = 2**24  # a pass's attention mask (rows × T × T) stays below this many entries
+def context_rows(S: int, rows_per_pass: int) -> int:
+    """Rows of a context pass of S tokens: `rows_per_pass`, fewer where the mask (rows × S × S) would be too large."""
+    return max(1, min(rows_per_pass, MASK_ENTRIES // (S * S)))
+
+
+def continuation_rows(S: int, Lc: int, rows_per_pass: int) -> int:
+    """Rows of a continuation pass of Lc tokens over S cached slots (mask rows × Lc × (S + Lc))."""
+    return max(1, min(rows_per_pass, MASK_ENTRIES // (Lc * (S + Lc))))
 
 
 def _split(rows: Rows) -> tuple[tuple[int, ...], list[int]] | None:
@@ -57,66 +67,77 @@ def forward_rows_shared_context(net, rows_list: Sequence[Rows], rows_per_pass: i
     if pack not in PACKING:
         raise UserError(f"pack={pack!r}: choose one of {', '.join(PACKING)}")
     out: list[torch.Tensor | None] = [None] * len(rows_list)
-    docs: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    contexts: dict[tuple, list[tuple[int, list[int]]]] = {}  # key -> [(request, continuation inputs)]
     other = []
     for r, rows in enumerate(rows_list):
-        parts = None if pack == "request" else _split(rows)
+        parts = _split(rows)
         if parts is None:
             other.append(r)
-        else:
-            docs.setdefault(parts[0], []).append((r, parts[1]))
-    shared = []  # (context, [(request, continuation inputs)]) rows of at most MAX_SHARED_TOKENS
-    for ctx, reqs in docs.items():
-        fits = [q for q in reqs if len(ctx) + len(q[1]) <= MAX_SHARED_TOKENS]
-        if len(reqs) < 2 or len(fits) < 2:
-            other += [r for r, _ in reqs]
-            continue
-        other += [r for r, x in reqs if len(ctx) + len(x) > MAX_SHARED_TOKENS]
-        row, used = [], len(ctx)
-        for q in fits:
-            if row and used + len(q[1]) > MAX_SHARED_TOKENS:
-                shared.append((ctx, row))
-                row, used = [], len(ctx)
-            row.append(q)
-            used += len(q[1])
-        shared.append((ctx, row))
+        else:  # pack=request: a context of its own per request
+            contexts.setdefault((parts[0], r) if pack == "request" else (parts[0],), []).append((r, parts[1]))
     if other:
-        other.sort()
         for r, logits in zip(other, forward_rows_batch_invariant(net, [rows_list[r] for r in other], rows_per_pass,
                                                                  pack=pack, bucket=bucket)):
             out[r] = logits
-    length = [len(c) + sum(len(x) for _, x in reqs) for c, reqs in shared]
-    order = sorted(range(len(shared)), key=lambda i: -length[i])  # longest first (stable)
-    groups: list[list[int]] = []
-    for i in order:
-        g = groups[-1] if groups else None
-        if g is not None and len(g) < rows_per_pass and (pack != "length" or length[g[0]] == length[i]) \
-                and (len(g) + 1) * length[g[0]] ** 2 <= MASK_ENTRIES:
-            g.append(i)
-        else:
-            groups.append([i])
-    dev = next(iter(net.parameters()), torch.empty(0)).device
-    for g in groups:
-        _pass(net, [(list(shared[i][0]), [x for _, x in shared[i][1]]) for i in g], [shared[i][1] for i in g],
-              out, dev)
+    width = {"bucket": bucket, "request": bucket, "length": None}[pack]
+    groups: dict[int, list[tuple]] = {}
+    for key in contexts:
+        groups.setdefault(bucket_length(len(key[0]), width), []).append(key)
+    for S in sorted(groups, reverse=True):
+        keys = groups[S]
+        R = context_rows(S, rows_per_pass)
+        for a in range(0, len(keys), R):
+            _contexts_and_continuations(net, [(key[0], contexts[key]) for key in keys[a:a + R]], S, R,
+                                        rows_per_pass, None if width is None else max(1, width // 4), out)
     return out  # type: ignore[return-value]
 
 
 @torch.no_grad()
-def _pass(net, rows: list, owners: list, out: list, dev) -> None:
-    """One forward pass over shared-prefix rows; each request gets its context's last logits and its own."""
-    idx, valid, pos, mask, spans = shared_prefix_rows(rows)
-    at = torch.zeros_like(valid)
-    for b, parts in enumerate(spans):
-        start, n = parts[0]
-        at[b, start + n - 1] = True  # the context's last token
-        for s, m in parts[1:]:
-            at[b, s:s + m] = True
-    logits, _ = net.forward_cached(idx.to(dev), None, valid=valid.to(dev), logits_at=at.to(dev),
-                                   explicit=(pos.to(dev), mask.to(dev)))  # (N, V) row-major
-    pieces = torch.split(logits, at.sum(1).tolist())
-    for piece, parts, reqs in zip(pieces, spans, owners):
-        first, at_ = piece[:1], 1
-        for (_, m), (r, _) in zip(parts[1:], reqs):
-            out[r] = torch.cat([first, piece[at_:at_ + m]])
-            at_ += m
+def _contexts_and_continuations(net, batch: list, S: int, R: int, rows_per_pass: int, cont_bucket: int | None,
+                                out: list) -> None:
+    """One context pass over `batch` [(context ids, [(request, continuation inputs)])] (R rows of S tokens), then the
+    continuation passes of their requests over its cache; fills `out[request]`."""
+    dev = network_device(net)
+    idx = torch.zeros(R, S, dtype=torch.long)
+    valid = torch.zeros(R, S, dtype=torch.bool)  # dummy rows: no real token
+    at = torch.zeros(R, S, dtype=torch.bool)
+    for b, (ctx, _) in enumerate(batch):
+        idx[b, :len(ctx)] = torch.as_tensor(ctx, dtype=torch.long)
+        valid[b, :len(ctx)] = True
+        at[b, len(ctx) - 1] = True  # the context's last token predicts every continuation's first
+    h, cache = net.hidden_cached(idx.to(dev), None, valid=valid.to(dev), at=at.to(dev))  # (n_ctx, d)
+    first = _logits(net, Pass([(b, 1) for b in range(len(batch))], h, None), len(batch))  # (1, V) each
+    conts: dict[int, list[tuple[int, int, list[int]]]] = {}  # Lc -> [(request, context row, inputs)]
+    for b, (_, reqs) in enumerate(batch):
+        for r, x in reqs:
+            if not x:  # a one-token continuation: the context's logits are all it needs
+                out[r] = first[b].clone()
+            else:
+                conts.setdefault(bucket_length(len(x), cont_bucket), []).append((r, b, x))
+    for Lc in sorted(conts, reverse=True):
+        work = conts[Lc]
+        R2 = continuation_rows(S, Lc, rows_per_pass)
+        for a in range(0, len(work), R2):
+            chunk = work[a:a + R2]
+            idx = torch.zeros(R2, Lc, dtype=torch.long)
+            new = torch.zeros(R2, Lc, dtype=torch.bool)
+            rows = torch.zeros(R2, dtype=torch.long)  # dummy rows: context row 0, no real token
+            for k, (_, b, x) in enumerate(chunk):
+                idx[k, :len(x)] = torch.as_tensor(x, dtype=torch.long)
+                new[k, :len(x)] = True
+                rows[k] = b
+            h, _ = net.hidden_cached(idx.to(dev), cache.select(rows, lazy=True), valid=new.to(dev), at=new.to(dev),
+                                     keep_cache=False)  # (N, d)
+            pieces = _logits(net, Pass([(k, len(x)) for k, (_, _, x) in enumerate(chunk)], h, None), len(chunk))
+            for k, (r, b, _) in enumerate(chunk):
+                out[r] = torch.cat([first[b], pieces[k]])
+
+
+def _logits(net, pass_: Pass, n: int) -> list[torch.Tensor]:
+    """The logits of each of the pass's n owners, (n_k, V), the head applied `HEAD_ROWS` rows at a time."""
+    got: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    for pieces in pass_.logits(net):
+        for k, piece in pieces:
+            got[k].append(piece)
+    return [torch.cat(p) if len(p) > 1 else p[0] for p in got]
+

@@ -179,17 +179,20 @@ class Settings:
                                         "none: each sub-token on its own)", families=("prime",),
                                         check=lambda v: None if 0.0 <= v <= 1.0 else "must lie in [0, 1]")
     # -- the machine: none of these changes a number -------------------------------------------------------
-    rows_per_pass: int | None = setting(None, "network rows per forward pass; never changes a number (score's "
-                                        "default: an integer --batch_size, else 64)", commands=BOTH,
+    rows_per_pass: int | None = setting(None, "network rows per forward pass (score's default: an integer "
+                                        "--batch_size, else 64); part of every pass's shape: keep it to reproduce "
+                                        "the last bits", commands=BOTH,
                                         by_command={"ppl": 16},
                                         check=_at_least(1), flag="--rows-per-pass")
     chunk_rows: int | None = setting(None, "forward rows per chunk of requests (default 8 × rows_per_pass); the "
                                      "results of a chunk are stored together, so a killed run loses at most "
                                      "one chunk", check=_at_least(1))
-    max_logits_mb: float = setting(2048, "memory cap on the logits of one chunk (MB)", check=_positive)
-    pack: str = setting("bucket", "rows sharing a pass: bucket (padded to a multiple of 32 tokens; ARM: one row "
-                        "per context, longest first, padded to the longest), length (one length), request (each "
-                        "request alone: the same bits whatever the batch; for GPUs)", choices=PACKING)
+    max_logits_mb: float = setting(2048, "size cap of one chunk, as the MB of its logits (arm holds them; "
+                                   "mdm and prime reduce them as they come)", check=_positive)
+    pack: str = setting("bucket", "rows sharing a pass: bucket (padded to a multiple of 32 tokens; ARM: each "
+                        "context once, continuations padded to a multiple of 8), length (one length), request (each "
+                        "request in passes of its own: the same bits as bucket); a request's numbers never depend on "
+                        "what shares its passes", choices=PACKING)
     max_length: int | None = setting(None, "token window (default: the network's); longer inputs are "
                                      "left-truncated and counted", check=_at_least(2))
     add_bos: bool | None = setting(None, "auto (what the tokenizer does by default), true or false")

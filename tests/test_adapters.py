@@ -294,8 +294,7 @@ def test_one_progress_bar_in_forward_rows_moving_every_pass(gpt2_tok, monkeypatc
     _BarRecorder.bars = []
     monkeypatch.setattr(S, "tqdm", _BarRecorder)
     net = TinyDenoiser("mdm", len(gpt2_tok), seed=2)
-    passes = []
-    net.register_forward_pre_hook(lambda _m, args: passes.append(int(args[0].shape[0])) and None)
+    passes = _record_passes(net)
     lm = MDMLM(model=net, tokenizer=gpt2_tok, samples=64, round_samples=8, rows_per_pass=16)
     reqs = _requests(12) + [Instance("loglikelihood", {}, ("The cat sat on the", " mat"), 0, ("lamb", 0, 1))]
     lm.loglikelihood(reqs)
@@ -310,13 +309,63 @@ def test_one_progress_bar_in_forward_rows_moving_every_pass(gpt2_tok, monkeypatc
 
     torch.manual_seed(0)
     deep = TransEncoder(Config(n_layer=3, n_embd=32, n_head=2, intermediate_size=64, vocab_size=50257, block_size=128))
-    deep_passes = []
-    deep.register_forward_pre_hook(lambda _m, args: deep_passes.append(int(args[0].shape[0])) and None)
+    deep_passes = _record_passes(deep)
     _BarRecorder.bars = []
     MDMLM(model=deep, tokenizer=gpt2_tok, samples=8, rows_per_pass=16, greedy="false").loglikelihood(reqs[:4])
     (bar,) = [b for b in _BarRecorder.bars if not b.disable]
-    assert min(deep_passes) >= 4 and len(bar.updates) == 4 * len(deep_passes)  # 3 blocks + the head, every pass
+    # 3 blocks + the head: a pass of r rows moves the bar to r·k // 4, k = 1..4
+    assert max(deep_passes) >= 4 and len(bar.updates) == sum(len({r * k // 4 for k in range(1, 5)} - {0})
+                                                             for r in deep_passes)
     assert bar.n == sum(deep_passes) == bar.total
+
+
+def _record_passes(net) -> list[int]:
+    """The rows of every forward pass of `net` (its trunk, `hidden`) that need logits: dummy rows that fill a pass of
+    fixed shape are not forward rows of any request."""
+    rows, hidden = [], net.hidden
+
+    def recorded(idx, **kw):
+        rows.append(int(idx.shape[0]) if kw.get("at") is None else int(kw["at"].any(1).sum()))
+        return hidden(idx, **kw)
+
+    net.hidden = recorded
+    return rows
+
+
+@pytest.mark.parametrize("family", ["mdm", "prime"])
+def test_a_request_s_logits_are_reduced_as_they_come(gpt2_tok, family, monkeypatch):
+    """The diffusion adapters reduce each head call's logits before the next, so a request of many samples never
+    holds all its logits (a Prime request of 1,024 samples at V = 32,000 held ~3 GB of them and needed ~10 GB in all,
+    which kept the Diff_LLaMA_6M Prime adaptive benchmark off a 24 GiB machine); and the values do not depend on how a
+    request's logits are split into reductions or its requests into chunks: the same bits as `cost` on all of them."""
+    import weakref
+
+    import prime_eval.estimators.rows as R
+
+    net = TinyDenoiser(family, len(gpt2_tok), **({"ell": 4, "base": 15} if family == "prime" else {}), seed=2)
+    reqs = _requests(4)
+    alive, outputs, head = [], [], net.head
+
+    def watched(h, inputs=None):
+        alive.append(sum(r() is not None for r in outputs))
+        out = head(h, inputs)
+        outputs.append(weakref.ref(out))
+        return out
+
+    net.head = watched
+    monkeypatch.setattr(R, "HEAD_ROWS", 16)  # many head calls from few rows
+    make = dict(model=net, tokenizer=gpt2_tok, samples=32, adaptive="false", greedy="false", rows_per_pass=16)
+    make_lm = MDMLM if family == "mdm" else PrimeLM
+    held = make_lm(**make)
+    held._terms = None  # the scorer's other path: every logit of a chunk held, then `cost`
+    whole = held.loglikelihood(reqs)
+    assert max(alive) > 2  # what the watch sees when logits are held
+    alive.clear()
+    default = make_lm(**make).loglikelihood(reqs)
+    assert len(alive) > 2 * len(reqs) and max(alive) <= 1  # only the previous head call's logits, being reduced
+    monkeypatch.setattr(R, "logits_chunk_rows", lambda vocab_size: 7)  # reductions of 7 logit rows
+    split = make_lm(**make, max_logits_mb=0.001).loglikelihood(reqs)  # a chunk per request
+    assert default == whole and split == whole
 
 
 def test_stats_say_whether_is_greedy_was_computed(gpt2_tok):
@@ -368,9 +417,12 @@ def test_bad_settings_fail_before_the_weights_are_read(monkeypatch, lit_checkpoi
 
 @pytest.mark.parametrize("kind", ["hf", "lit_gpt"])
 def test_arm_runs_each_shared_context_once(kind, tiny_gpt2_dir, gpt2_tok):
-    """Issue 17: the choices of a document share one row (the context once, each continuation attending to it), so
-    the network sees each context once; the log-likelihoods equal the per-request rows' (pack=request) to float
-    precision, and pack=request is bit-identical for any batch size and order."""
+    """Issue 17: the choices of a document share their context, which runs once (its keys and values then serve every
+    continuation); the log-likelihoods equal full causal rows' to float precision. The passes have fixed shapes, so a
+    request's value is the same bits whatever is scored with it and in what order, and pack=request (each request
+    in passes of its own, its context run for it alone) gives the same bits."""
+    import torch.nn.functional as F
+
     from prime_eval.networks.lit_gpt import GPT, Config
 
     if kind == "hf":
@@ -384,26 +436,22 @@ def test_arm_runs_each_shared_context_once(kind, tiny_gpt2_dir, gpt2_tok):
     for d, ctx in enumerate(["Question: where do cats sleep?\nAnswer:", "The sky is", "A long context " * 9]):
         for j, cont in enumerate([" on the mat", " in a box of old shoes", " nowhere", " x"]):
             reqs.append(Instance("loglikelihood", {}, (ctx, cont), j, ("doc", d, 1)))
+    seen = []  # (real tokens, over a cache?) of every pass
+    hidden_cached = lm.net.hidden_cached
+    lm.net.hidden_cached = lambda idx, cache=None, **k: (seen.append((int(k["valid"].sum()), cache is not None)),
+                                                         hidden_cached(idx, cache, **k))[1]
     shared = lm.loglikelihood(reqs)
-    n_ctx = [len(lm._encode_pair(*r.args)[0]) for r in reqs[::4]]
-    n_cont = [len(lm._encode_pair(*r.args)[1]) for r in reqs]
-    per_request = ARMLM(model=lm.net, tokenizer=lm.tokenizer, rows_per_pass=3, pack="request").loglikelihood(reqs)
-    for (a, ga), (b, gb) in zip(shared, per_request):
-        assert a == pytest.approx(b, abs=1e-5) and ga == gb
-    seen = []
-    orig = lm.net.forward_cached
-    lm.net.forward_cached = lambda idx, *a, **k: (seen.append(int(k["valid"].sum())), orig(idx, *a, **k))[1]
-    lm.loglikelihood(reqs)
-    del lm.net.forward_cached
-    assert sum(seen) == sum(n_ctx) + sum(n - 1 for n in n_cont) and len(seen) == 1  # 3 documents, one pass
-    import model_adapters.shared_context as S
-
-    S.MAX_SHARED_TOKENS, cap = 20, S.MAX_SHARED_TOKENS  # a document over several shared rows, or none
-    try:
-        split = lm.loglikelihood(reqs)
-    finally:
-        S.MAX_SHARED_TOKENS = cap
-    assert [a for a, _ in split] == pytest.approx([a for a, _ in per_request], abs=1e-5)
-    shuffled = [reqs[i] for i in (5, 0, 11, 3, 8, 1, 10, 2, 7, 4, 9, 6)]
-    again = ARMLM(model=lm.net, tokenizer=lm.tokenizer, rows_per_pass=64, pack="request").loglikelihood(shuffled)
-    assert [again[shuffled.index(r)] for r in reqs] == per_request
+    del lm.net.hidden_cached
+    pairs = [lm._encode_pair(*r.args) for r in reqs]
+    assert sum(n for n, over in seen if not over) == sum(len(c) for c, _ in pairs[::4])  # each context once
+    assert sum(n for n, over in seen if over) == sum(len(x) - 1 for _, x in pairs)  # then the continuations
+    with torch.no_grad():
+        for (ll, greedy), (c, x) in zip(shared, pairs):
+            logp = F.log_softmax(lm.net(torch.tensor([c + x[:-1]]))[0, len(c) - 1:].double(), -1)  # a full row
+            assert ll == pytest.approx(float(logp.gather(1, torch.tensor(x)[:, None]).sum()), abs=1e-5)
+            assert greedy == bool((logp.argmax(-1) == torch.tensor(x)).all())
+    per_request = ARMLM(model=lm.net, tokenizer=lm.tokenizer, rows_per_pass=4, pack="request").loglikelihood(reqs)
+    assert per_request == shared  # bit for bit
+    order = (5, 0, 11, 3, 8, 1, 10, 2, 7, 4, 9, 6)
+    again = ARMLM(model=lm.net, tokenizer=lm.tokenizer, rows_per_pass=4).loglikelihood([reqs[i] for i in order[:7]])
+    assert again == [shared[i] for i in order[:7]]

@@ -187,24 +187,23 @@ def _score(tmp_path, cache: str, settings: dict, kill_after: int | None = None):
     net = TinyDenoiser("mdm", 257, d=16, max_length=64, seed=3, dtype=torch.float32)
     lm = MDMLM(model=net, tokenizer=ByteTokenizer(), cache_dir=str(tmp_path / cache), **settings)
     seen = {"passes": 0, "rows": 0, "committed": 0}
-    forward, put = lm._forward, lm.cache.put_many
+    terms, put, hidden = lm._terms, lm.cache.put_many, net.hidden
 
-    def counted_forward(rows_list):  # the estimator's passes (is_greedy passes go to the network directly)
-        out = forward(rows_list)
+    def counted_terms(rows_list):  # the estimator's passes (is_greedy passes go to the network directly)
+        yield from terms(rows_list)
         seen["rows"] += sum(int(r.logits_at.any(1).sum()) for r in rows_list)
-        return out
 
     def counted_put(kind, items):
         seen["committed"] = seen["rows"]
         return put(kind, items)
 
-    def pre_hook(_m, _args):
+    def counted_hidden(idx, **kwargs):  # a forward pass runs the network's trunk, then its head
         seen["passes"] += 1
         if kill_after is not None and seen["passes"] > kill_after:
             raise Killed
+        return hidden(idx, **kwargs)
 
-    lm._forward, lm.cache.put_many = counted_forward, counted_put
-    net.register_forward_pre_hook(pre_hook)
+    lm._terms, lm.cache.put_many, net.hidden = counted_terms, counted_put, counted_hidden
     try:
         lm.loglikelihood(_requests(), disable_tqdm=True)
     except Killed:

@@ -332,7 +332,8 @@ def test_batch_masks_for_a_training_loss():
 # -- reducing logits as they come (estimators.rows.forward_terms) ---------------------------------------------------
 def test_forward_terms_reduce_in_chunks_fixed_by_the_request():
     """Chunks of at most C logit rows at offsets that depend on the request alone (any rows_per_pass); a request of
-    at most C rows is reduced in one piece, exactly as `cost`; smaller chunks agree within fp32 round-off."""
+    at most C rows is reduced in one piece, exactly as `cost`; smaller chunks give the same bits (Prime's digit
+    marginals are a matmul over the chunk's rows, computed in blocks of fixed shape: `matmul_fixed_rows`)."""
     from prime_eval.estimators import forward_rows_batch_invariant, forward_terms
 
     st = SubTokenizer(8, base=2, perm=make_permutation(8, 8, seed=0, style="megatron"))
@@ -355,6 +356,27 @@ def test_forward_terms_reduce_in_chunks_fixed_by_the_request():
         seen[rpp] = sorted(calls)
         assert max(n for _, _, n in calls) <= 5
         for i in range(3):
-            torch.testing.assert_close(est.cost_from_terms(rows[i], got[i]), whole[i], rtol=1e-6, atol=1e-6)
+            assert torch.equal(est.cost_from_terms(rows[i], got[i]), whole[i])
     assert seen[1] == seen[3] == seen[64]
     assert [s for r, s, _ in seen[1] if r == 0] == list(range(0, rows[0].num_logits, 5))
+
+
+def test_prime_values_do_not_depend_on_the_reduction_chunks_at_a_realistic_vocabulary():
+    """V = 32,000, ℓ = 15 (Diff_LLaMA's Prime), fp32: a request's logits reduced 1, 7 or 100 rows at a time give
+    the bits of `cost` on all of them (a plain (C, V) @ (V, ℓ·b) matmul rounds a row differently for other C), so
+    the adapters may split a request's reductions to bound memory without changing a number."""
+    from prime_eval.estimators import forward_rows_batch_invariant, forward_terms
+    from prime_eval.networks.lit_gpt import Config, TransEncoder
+
+    torch.manual_seed(0)
+    net = TransEncoder(Config(n_layer=1, n_embd=64, n_head=2, intermediate_size=128, vocab_size=32000,
+                              block_size=64), ell=15, base=2).eval()
+    est = get_estimator("prime", "sqrt_count", subtokenizer=SubTokenizer(32000, ell=15, base=2), carry_over=True)
+    target = torch.zeros(40, dtype=torch.bool)
+    target[20:] = True
+    rows = est.rows(torch.randint(0, 32000, (40,), generator=_gen(1)), target, _gen(2), 32)
+    (logits,) = forward_rows_batch_invariant(net, [rows], 16)
+    whole = est.cost(rows, logits)
+    for c in (1, 7, 100):
+        (_, terms), = forward_terms(net, est, [rows], 16, chunk_rows=c)
+        assert torch.equal(est.cost_from_terms(rows, terms), whole), c

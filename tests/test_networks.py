@@ -236,6 +236,93 @@ def test_contract_logits_at_and_right_padding(name):
     assert (moved == 0) if net.family == "arm" else (moved > 1e-5)
 
 
+def _megatron(cls, **kw):
+    from prime_eval.networks.megatron import MegatronConfig
+
+    return cls(MegatronConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96, vocab_size=100,
+                              seq_length=64, **kw))
+
+
+def _oracle():
+    from prime_eval.networks.toy import OracleDenoiser
+    from prime_eval.subtokenizer import SubTokenizer
+
+    return OracleDenoiser(torch.softmax(torch.randn(20, generator=torch.Generator().manual_seed(1)), 0),
+                          SubTokenizer(20, ell=3, base=3))
+
+
+def _halves_nets() -> dict:
+    from prime_eval.networks.megatron import GPTModel, MaskedDiffModel
+    from prime_eval.networks.toy import TinyDenoiser
+
+    return {**NETS,
+            "megatron-arm": (lambda: _megatron(GPTModel), 100, 1),
+            "megatron-prime": (lambda: _megatron(MaskedDiffModel, target_length=2, base=10), 11, 2),
+            "toy-prime": (lambda: TinyDenoiser("prime", 20, ell=3, base=3), 4, 3),
+            "oracle-prime": (_oracle, 4, 3)}
+
+
+@pytest.mark.parametrize("name", list(_halves_nets()))
+def test_contract_forward_is_the_head_of_the_hidden_states(name):
+    """forward = head ∘ hidden (docs/ARCHITECTURE.md): `hidden` at `at` is hidden's rows there; the head is
+    position-wise (a row's logits do not depend on the rows beside it, up to the float rounding of another shape);
+    a cached pass's hidden states are what `forward_cached` puts through the head, with or without keeping the cache."""
+    from prime_eval.networks.contract import position_inputs
+    from prime_eval.networks.kv_cache import supports_kv_cache
+
+    make, hi, ell = _halves_nets()[name]
+    net = make()
+    if not name.startswith(("hf", "toy", "oracle")):
+        _randomise(net, std=0.1)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, hi, (3, 9 * ell), generator=g)
+    at = torch.rand(3, 9, generator=g) < 0.5
+    with torch.no_grad():
+        h = net.hidden(x, at=at)  # (N, d)
+        assert torch.equal(h, net.hidden(x)[at])
+        inputs = position_inputs(x, ell, at)  # (N, ℓ)
+        logits = net(x, logits_at=at)
+        assert torch.equal(logits, net.head(h, inputs)) and logits.shape == (int(at.sum()), net.vocab_size)
+        one_by_one = torch.cat([net.head(h[i:i + 1], inputs[i:i + 1]) for i in range(h.shape[0])])
+        torch.testing.assert_close(one_by_one, logits, rtol=1e-5, atol=1e-5)
+        if supports_kv_cache(net):
+            lg, cache = net.forward_cached(x, logits_at=at)
+            hc, kept = net.hidden_cached(x, at=at)
+            hn, none = net.hidden_cached(x, at=at, keep_cache=False)
+            assert torch.equal(lg, net.head(hc)) and torch.equal(hn, hc) and none is None
+            assert len(kept.keys) == len(cache.keys) and all(torch.equal(a, b) for a, b in zip(kept.keys, cache.keys))
+
+
+def test_hf_model_whose_logits_are_not_its_head_is_refused():
+    """`HFCausalLM.head` is the output embeddings plus the post-processing it knows (soft-capping, logit scales);
+    a model that changes its logits some other way is refused once, at its first pass, instead of scored wrong."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class Scaled(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 0.5
+            return out
+
+    hc = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                     max_position_embeddings=64)
+    torch.manual_seed(0)
+    net = HFCausalLM(Scaled(hc).eval())
+    with pytest.raises(ValueError, match="not its output layer applied to its last hidden states"):
+        net(torch.tensor([[1, 2, 3]]))
+    capped = LlamaConfig(**{**hc.to_dict(), "final_logit_softcapping": 2.0})
+
+    class Capped(LlamaForCausalLM):  # what Gemma 2 does after its output layer
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = torch.tanh(out.logits / 2.0) * 2.0
+            return out
+
+    net = HFCausalLM(Capped(capped).eval())
+    with torch.no_grad():
+        torch.testing.assert_close(net(torch.tensor([[1, 2, 3]])), net.model(torch.tensor([[1, 2, 3]])).logits)
+
+
 def test_perceiver_carry_over_masks_inconsistent_classes():
     net = _randomise(PerceiverDIT(_dit_cfg(), ell=2, carry_over=True), std=0.1)  # V = 50, b = 8
     plain = PerceiverDIT(_dit_cfg(), ell=2).eval()

@@ -388,8 +388,8 @@ def test_streaming_reads_only_what_it_scores(wiki, tok):
 
 
 class _PassWatch:
-    """A network that records, at each forward pass, how many earlier passes' logits are still alive (weakrefs to
-    each output: a view keeps its base tensor alive)."""
+    """A network that records, at each forward pass (`hidden`) and each head call, how many earlier head calls' logits
+    are still alive (weakrefs to each output: a view keeps its base tensor alive)."""
 
     def __init__(self, net):
         self.net, self.outputs, self.alive_at_call = net, [], []
@@ -397,18 +397,26 @@ class _PassWatch:
     def __getattr__(self, name):
         return getattr(self.__dict__["net"], name)
 
-    def __call__(self, *args, **kwargs):
-        self.alive_at_call.append(sum(r() is not None for r in self.outputs))
-        out = self.net(*args, **kwargs)
+    def _alive(self) -> int:
+        return sum(r() is not None for r in self.outputs)
+
+    def hidden(self, *args, **kwargs):
+        self.alive_at_call.append(self._alive())
+        return self.net.hidden(*args, **kwargs)
+
+    def head(self, *args, **kwargs):
+        self.alive_at_call.append(self._alive())
+        out = self.net.head(*args, **kwargs)
         self.outputs.append(weakref.ref(out))
         return out
 
 
 @pytest.mark.parametrize("family", ["mdm", "prime"])
 def test_logits_of_a_pass_are_freed_before_the_next(wiki, tok, family):
-    """Memory does not grow with the blocks of a step: each pass's logits are reduced and released before the next
-    pass runs (they used to be held for every row of the step, plus a copy per block). K = 4 rows per block and 2
-    rows per pass: every block spans two passes, and with --no-wrap blocks of several lengths share a step."""
+    """Memory does not grow with the blocks of a step: the logits of each head call are reduced and released before
+    the next head call or pass runs (they used to be held for every row of the step, plus a copy per block). K = 4
+    rows per block and 2 rows per pass: every block spans two passes, and with --no-wrap blocks of several lengths
+    share a step."""
     net = _PassWatch(nets(len(tok))[family])
     lines = [ln for ln in (wiki / "test.txt").read_text(encoding="utf-8").splitlines() if ln.strip()][:12]
     proto = P.Protocol(L=24, wrap=False, num_samples=4, seed=3)
@@ -444,15 +452,15 @@ _DRIVER = """
 import json, os, signal, sys
 from prime_eval.networks.lit_gpt import TransEncoder
 calls, rows = [0], [0]
-forward = TransEncoder.forward
+hidden = TransEncoder.hidden  # a forward pass of the scorer runs the trunk (`hidden`), then the head
 def counted(self, idx, **kw):
     calls[0] += 1
     if calls[0] == int(os.environ.get("KILL_AT_PASS", "0")):  # a real SIGKILL, as the forward pass starts
         json.dump({"passes_done": calls[0] - 1, "rows_done": rows[0]}, open(os.environ["PASSES_FILE"], "w"))
         os.kill(os.getpid(), signal.SIGKILL)
     rows[0] += idx.shape[0]
-    return forward(self, idx, **kw)
-TransEncoder.forward = counted
+    return hidden(self, idx, **kw)
+TransEncoder.hidden = counted
 from prime_eval.cli import main
 rc = main(sys.argv[1:])
 json.dump({"passes_done": calls[0], "rows_done": rows[0]}, open(os.environ["PASSES_FILE"], "w"))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from prime_eval import bound_kind as BK
 from prime_eval.errors import UserError
-from prime_eval.estimators.rows import Rows
+from prime_eval.estimators.rows import Rows, matmul_fixed_rows
 from prime_eval.estimators.sampler import MaskDraw, MaskSampler
 from prime_eval.subtokenizer import SubTokenizer
 
@@ -195,7 +195,9 @@ class PrimeEstimator:
         if ell == 1:
             nll = -logp.gather(1, rows.data["x"][tok_of][:, None].to(dev))  # (C, 1)
         else:
-            marg = logp.exp() @ self._onehot(logp)  # (C, ℓ·b): p(y^{i,j} = v | y_t) = Σ_{c: Digits[c,j]=v} p̃(c)
+            # (C, ℓ·b): p(y^{i,j} = v | y_t) = Σ_{c: Digits[c,j]=v} p̃(c), in blocks of fixed shape: the same bits
+            # whatever chunks the caller reduces the logits in
+            marg = matmul_fixed_rows(logp.exp(), self._onehot(logp))
             cols = (digits + torch.arange(ell) * self.st.base).to(dev)
             q = marg.gather(1, cols).clamp_min(torch.finfo(marg.dtype).tiny)  # (C, ℓ) true-digit marginals
             nll = -q.log()

@@ -11,8 +11,10 @@ and LLaDA's deterministic counts reveal n // S positions per step, the first n m
 (`transfer_counts`). A step that reveals nothing changes nothing, so it needs no forward pass (MDLM's caching).
 
 `run_steps` drives many requests' samplers (objects with `next_rows()` -> Rows or None when done, and
-`advance(logits)`): each round packs the next pass of every unfinished request into batch-invariant passes
-(`forward_rows_batch_invariant`), so a request's answer does not depend on what shares its passes.
+`advance(logits)`): each round packs the next pass of every unfinished request into passes of one padded length
+(`forward_rows_batch_invariant`, without fixed shapes: padding every pass to `rows_per_pass` rows would multiply the
+cost of a round with few requests left), so a request's answer depends on what shares its passes only where the last
+bits of its logits decide a draw (a near tie).
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def run_steps(net, samplers: list, *, rows_per_pass: int = 64, pack: str = "buck
                 pending.append((s, rows))
         if not pending:
             return
-        logits = forward_rows_batch_invariant(net, [r for _, r in pending], rows_per_pass, pack=pack)
+        logits = forward_rows_batch_invariant(net, [r for _, r in pending], rows_per_pass, pack=pack, fixed=False)
         if on_pass:
             on_pass(sum(r.num_rows for _, r in pending))
         prepared = [s.prepare(lg) for (s, _), lg in zip(pending, logits)]

@@ -1,8 +1,9 @@
 """Any Hugging Face causal LM (`AutoModelForCausalLM`, a local directory or a hub id) behind the network contract, as
 family "arm", so public ARM baselines sit in the same tables as the diffusion models.
 
-The wrapped model keeps its own names (`model.*`), so `state_dict()` is the HF one. Logits are returned over the first
-`vocab_size` classes (default: the model config's `vocab_size`; pass the tokenizer's size to drop padded rows).
+The wrapped model keeps its own names (`model.*`), so `state_dict()` is the HF one. `hidden` is the base model's last
+hidden state, `head` its output embeddings (checked once against the model's own logits). Logits are returned over the
+first `vocab_size` classes (default: the model config's `vocab_size`; pass the tokenizer's size to drop padded rows).
 """
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import inspect
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from prime_eval.networks.contract import HiddenHead, at_positions
 from prime_eval.networks.kv_cache import KVCache, layout
 
 
-class HFCausalLM(nn.Module):
+class HFCausalLM(HiddenHead, nn.Module):
     family = "arm"
     causal = True
 
@@ -30,9 +33,9 @@ class HFCausalLM(nn.Module):
                                                                "max_sequence_length", "seq_length")
                                     if getattr(cfg, k, None)), 2048))
         self.ell, self.base, self.mask_id = 1, None, None
-        self._has_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._kv_cache: bool | None = None  # `kv_cache`, decided on first use
-        params = inspect.signature(model.forward).parameters  # transformers 5 renamed past_key_values to cache
+        self._halves_checked = False  # `_check_halves`, on first use
+        params = inspect.signature(model.base_model.forward).parameters  # transformers 5: past_key_values -> cache
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     @classmethod
@@ -44,25 +47,48 @@ class HFCausalLM(nn.Module):
         model.to(device).eval().requires_grad_(False)
         return cls(model, vocab_size=vocab_size)
 
-    def forward(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, L) -> logits (B, L, V) or (N, V) at the True entries of `logits_at` (B, L), row-major.
+    def hidden(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+               at: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, L) -> the base model's last hidden states (final norm applied) (B, L, d), or (N, d) at the True
+        entries of `at` (B, L), row-major.
 
         attention_mask (B, L) bool, True = real token. Padding is on the right and attention is causal, so no real
         position ever attends to padding: the mask is not passed on (as lm-eval's `hf` does), which keeps the fast
         causal attention kernel.
         """
-        kwargs = {}
-        if logits_at is not None and self._has_logits_to_keep:
-            cols = logits_at.any(dim=0).nonzero().squeeze(1).to(idx.device)  # (K,) positions needed in some row
-            kwargs["logits_to_keep"] = cols
-            logits = self.model(input_ids=idx, use_cache=False, **kwargs).logits  # (B, K, V')
-            sel = logits_at[:, cols.to(logits_at.device)].to(logits.device)  # (B, K)
-            return logits[sel][:, : self.vocab_size].float()  # (N, V)
-        logits = self.model(input_ids=idx, use_cache=False, **kwargs).logits[..., : self.vocab_size].float()
-        if logits_at is not None:
-            logits = logits[logits_at.to(logits.device)]
-        return logits
+        self._check_halves(idx.device)
+        h = self.model.base_model(input_ids=idx, use_cache=False).last_hidden_state  # (B, L, d)
+        return at_positions(h, at)
+
+    def head(self, h: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., d) -> fp32 logits (..., V): the model's output embeddings over the first V classes, then what its
+        causal-LM class applies after them (`final_logit_softcapping`, `logit_scale`, `logits_scaling`)."""
+        out = self.model.get_output_embeddings()
+        bias = getattr(out, "bias", None)
+        logits = F.linear(h, out.weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size])
+        cfg = self.model.config
+        if getattr(cfg, "logit_scale", None) is not None:  # Cohere
+            logits = logits * cfg.logit_scale
+        if getattr(cfg, "logits_scaling", None) is not None:  # Granite
+            logits = logits / cfg.logits_scaling
+        cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2 / 3
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
+
+    @torch.no_grad()
+    def _check_halves(self, device) -> None:
+        """Once: head(hidden(x)) must reproduce the model's own logits (a model that post-processes its logits in a
+        way `head` does not know would otherwise be scored silently wrong)."""
+        if self._halves_checked:
+            return
+        x = torch.arange(min(4, self.vocab_size), device=device)[None]  # (1, 4)
+        ref = self.model(input_ids=x, use_cache=False).logits[..., : self.vocab_size].float()
+        got = self.head(self.model.base_model(input_ids=x, use_cache=False).last_hidden_state)
+        if not torch.allclose(got, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max())):
+            raise ValueError(f"{type(self.model).__name__}: its logits are not its output layer applied to its last "
+                             "hidden states (some post-processing prime-eval does not know); it cannot be scored")
+        self._halves_checked = True
 
     @property
     def kv_cache(self) -> bool:
@@ -81,14 +107,17 @@ class HFCausalLM(nn.Module):
         return self._kv_cache
 
     @torch.no_grad()
-    def forward_cached(self, idx: torch.Tensor, cache: KVCache | None = None, *, valid: torch.Tensor | None = None,
-                       logits_at: torch.Tensor | None = None, explicit=None) -> tuple[torch.Tensor, KVCache]:
-        """New tokens idx (B, L) after the cached ones -> (logits as `forward`, the extended cache), through the
-        model's `past_key_values` (a `DynamicCache` rebuilt from our per-layer tensors), `attention_mask` = the
-        slots' validity and `position_ids` = the tokens' positions (`prime_eval.networks.kv_cache`). explicit:
-        (positions, mask) of a pass without a cache, given to the model as a custom 4D additive mask."""
+    def hidden_cached(self, idx: torch.Tensor, cache: KVCache | None = None, *, valid: torch.Tensor | None = None,
+                      at: torch.Tensor | None = None, explicit=None,
+                      keep_cache: bool = True) -> tuple[torch.Tensor, KVCache | None]:
+        """New tokens idx (B, L) after the cached ones -> (hidden states as `hidden`, the extended cache or None
+        without `keep_cache`), through the base model's cache (a `DynamicCache` rebuilt from our per-layer tensors),
+        `attention_mask` = the slots' validity and `position_ids` = the tokens' positions
+        (`prime_eval.networks.kv_cache`). explicit: (positions, mask) of a pass without a cache, given to the model
+        as a custom 4D additive mask."""
         from transformers import DynamicCache
 
+        self._check_halves(idx.device)
         valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.to(idx.device)
         pos, mask, all_valid, length = layout(cache, valid, self.max_length, explicit)
         past = DynamicCache(config=self.model.config) if cache is None else DynamicCache(
@@ -98,17 +127,10 @@ class HFCausalLM(nn.Module):
             dtype = next(self.model.parameters()).dtype
             attention = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
                 ~mask, torch.finfo(dtype).min)  # (B, 1, L, L) additive: what eager and sdpa attention both take
-        kwargs = {}
-        if logits_at is not None and self._has_logits_to_keep:
-            cols = logits_at.any(dim=0).nonzero().squeeze(1).to(idx.device)  # (K,) positions needed in some row
-            kwargs["logits_to_keep"] = cols
-        kwargs[self._cache_arg] = past
-        out = self.model(input_ids=idx, attention_mask=attention, position_ids=pos, use_cache=True, **kwargs)
-        logits = out.logits
-        if logits_at is not None and self._has_logits_to_keep:
-            logits = logits[logits_at[:, kwargs["logits_to_keep"].to(logits_at.device)].to(logits.device)]
-        elif logits_at is not None:
-            logits = logits[logits_at.to(logits.device)]
+        out = self.model.base_model(input_ids=idx, attention_mask=attention, position_ids=pos, use_cache=True,
+                                    **{self._cache_arg: past})
+        h = at_positions(out.last_hidden_state, at)
+        if not keep_cache:
+            return h, None
         layers = (out.get("cache") or out.get("past_key_values")).layers
-        return logits[..., : self.vocab_size].float(), KVCache([layer.keys for layer in layers],
-                                                               [layer.values for layer in layers], all_valid, length)
+        return h, KVCache([layer.keys for layer in layers], [layer.values for layer in layers], all_valid, length)

@@ -40,14 +40,32 @@ class KVCache:
     def batch(self) -> int:
         return int(self.valid.shape[0])
 
-    def select(self, index: torch.Tensor) -> "KVCache":
-        """Rows `index` (B',), repeats allowed: e.g. a context's cache once per continuation."""
+    def select(self, index: torch.Tensor, *, lazy: bool = False) -> "KVCache":
+        """Rows `index` (B',), repeats allowed: e.g. a context's cache once per continuation. `lazy`: a layer's
+        rows are gathered when that layer reads them (`through_blocks`), so only one layer's copy exists at a time."""
         index = torch.as_tensor(index, dtype=torch.long)
         dev = self.valid.device
         i = index.to(dev)
-        return KVCache([k.index_select(0, i.to(k.device)) for k in self.keys],
-                       [v.index_select(0, i.to(v.device)) for v in self.values],
-                       self.valid.index_select(0, i), self.length.index_select(0, i.to(self.length.device)))
+        keys, values = _Gathered(self.keys, i), _Gathered(self.values, i)
+        return KVCache(keys if lazy else list(keys), values if lazy else list(values), self.valid.index_select(0, i),
+                       self.length.index_select(0, i.to(self.length.device)))
+
+
+class _Gathered:
+    """Per-layer tensors (B, ...) read as rows `index` of each, gathered on access (`KVCache.select`)."""
+
+    def __init__(self, tensors: list[torch.Tensor], index: torch.Tensor):
+        self.tensors, self.index = tensors, index
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        t = self.tensors[layer]
+        return t.index_select(0, self.index.to(t.device))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def extend_layout(cache: KVCache | None, valid_new: torch.Tensor,
@@ -81,15 +99,19 @@ def begin(net, idx: torch.Tensor, cache: KVCache | None, valid: torch.Tensor | N
     return layout(cache, valid, getattr(net, "max_length", None), explicit)
 
 
-def through_blocks(blocks, x: torch.Tensor, cos, sin, cache: KVCache | None, mask: torch.Tensor):
+def through_blocks(blocks, x: torch.Tensor, cos, sin, cache: KVCache | None, mask: torch.Tensor, *,
+                   keep: bool = True):
     """x (B, L, d) through the blocks' `forward_cached(x, cos, sin, past, mask) -> (x, keys, values)`, layer i over
-    the cache's layer i: (x, [keys], [values])."""
+    the cache's layer i: (x, [keys], [values]); without `keep` the lists stay empty (each layer's keys and values
+    are freed as soon as the next layer runs: a pass whose cache is not extended further)."""
     keys, values = [], []
     for i, block in enumerate(blocks):
         past = None if cache is None else (cache.keys[i], cache.values[i])
         x, k, v = block.forward_cached(x, cos, sin, past, mask)
-        keys.append(k)
-        values.append(v)
+        if keep:
+            keys.append(k)
+            values.append(v)
+        past = k = v = None
     return x, keys, values
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from prime_eval.networks.contract import HiddenHead, at_positions
 from prime_eval.networks.kv_cache import KVCache, begin, cached_attention, rope_rows, through_blocks
 from prime_eval.subtokenizer import base_from_ell
 
@@ -327,8 +328,9 @@ class Block(nn.Module):
 # Networks
 
 
-class _LitBase(nn.Module):
-    """Shared trunk: `transformer.{wte,h,ln_f}` and `lm_head`. Subclasses define the embedding and causality."""
+class _LitBase(HiddenHead, nn.Module):
+    """Shared trunk: `transformer.{wte,h,ln_f}` (`hidden`) and `lm_head` (`head`). Subclasses define the embedding and
+    causality."""
 
     family = "arm"
     causal = True
@@ -350,9 +352,9 @@ class _LitBase(nn.Module):
     def embed(self, idx: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, L, d)
         return self.transformer.wte(idx)
 
-    def forward(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, L·ℓ) -> logits (B, L, V), or (N, V) at the True entries of `logits_at` (B, L), row-major.
+    def hidden(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+               at: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, L·ℓ) -> final hidden states ln_f(x) (B, L, d), or (N, d) at the True entries of `at` (B, L).
 
         attention_mask (B, L) bool, True = real token, padding on the right. Bidirectional models mask the padded
         keys; causal models need no mask for right padding (real positions never see later ones).
@@ -367,20 +369,20 @@ class _LitBase(nn.Module):
         key_mask = None if self.causal else padding_key_mask(attention_mask, x.device)
         for block in self.transformer.h:
             x = block(x, cos, sin, causal=self.causal, key_mask=key_mask)
-        return self._logits(self.transformer.ln_f(x), logits_at)
+        return at_positions(self.transformer.ln_f(x), at)
 
-    def _logits(self, x: torch.Tensor, logits_at: torch.Tensor | None) -> torch.Tensor:
-        """Final hidden states (B, L, d) -> logits (B, L, V), or (N, V) at `logits_at`."""
-        if logits_at is not None:
-            x = x[logits_at.to(x.device)]  # (N, d)
-        head = self.transformer.wte if self.config.tie_embeddings else self.lm_head
-        return F.linear(x, head.weight[: self.vocab_size]).float()  # (B, L, V) | (N, V)
+    def head(self, h: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (..., d) -> fp32 logits (..., V): `lm_head` (or `wte` when tied), padded rows sliced away."""
+        out = self.transformer.wte if self.config.tie_embeddings else self.lm_head
+        return F.linear(h, out.weight[: self.vocab_size]).float()
 
     @torch.no_grad()
-    def forward_cached(self, idx: torch.Tensor, cache: KVCache | None = None, *, valid: torch.Tensor | None = None,
-                       logits_at: torch.Tensor | None = None, explicit=None) -> tuple[torch.Tensor, KVCache]:
-        """`forward` over a key/value cache (the contract of `prime_eval.networks.kv_cache`; causal GPT only): new
-        tokens idx (B, L), valid (B, L) (False: padding), explicit (positions, mask) -> (logits, extended cache)."""
+    def hidden_cached(self, idx: torch.Tensor, cache: KVCache | None = None, *, valid: torch.Tensor | None = None,
+                      at: torch.Tensor | None = None, explicit=None,
+                      keep_cache: bool = True) -> tuple[torch.Tensor, KVCache | None]:
+        """`hidden` over a key/value cache (the contract of `prime_eval.networks.kv_cache`; causal GPT only): new
+        tokens idx (B, L), valid (B, L) (False: padding), explicit (positions, mask) -> (hidden states, extended cache
+        or None without `keep_cache`)."""
         pos, mask, all_valid, length = begin(self, idx, cache, valid, explicit)
         x = self.embed(idx)  # (B, L, d)
         cfg = self.config
@@ -388,8 +390,9 @@ class _LitBase(nn.Module):
                                     base=cfg.rope_base, condense_ratio=cfg.condense_ratio, device=x.device,
                                     round_bf16=cfg.rope_bf16)
         cos, sin = rope_rows(cos, sin, pos)  # (B, 1, L, n/2)
-        x, keys, values = through_blocks(self.transformer.h, x, cos, sin, cache, mask)
-        return self._logits(self.transformer.ln_f(x), logits_at), KVCache(keys, values, all_valid, length)
+        x, keys, values = through_blocks(self.transformer.h, x, cos, sin, cache, mask, keep=keep_cache)
+        return at_positions(self.transformer.ln_f(x), at), \
+            (KVCache(keys, values, all_valid, length) if keep_cache else None)
 
 
 class GPT(_LitBase):

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from prime_eval.networks.contract import HiddenHead, at_positions
 from prime_eval.networks.kv_cache import KVCache, begin, cached_attention, rope_rows, through_blocks
 from prime_eval.subtokenizer import SubTokenizer, base_from_ell
 
@@ -216,7 +217,7 @@ class DDitFinalLayer(nn.Module):
 # Networks
 
 
-class _DiTBase(nn.Module):
+class _DiTBase(HiddenHead, nn.Module):
     family = "mdm"
     causal = False
     adaln = True
@@ -248,7 +249,13 @@ class _DiTBase(nn.Module):
             sigma = torch.zeros(1, device=device)
         return F.silu(self.sigma_map(sigma.to(device)))  # (1 or B, cond)
 
-    def trunk(self, idx, attention_mask, sigma) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def hidden(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+               at: torch.Tensor | None = None, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, L·ℓ) -> the output layer's input (final norm and adaLN modulation applied) (B, L, d), or (N, d) at
+        the True entries of `at` (B, L).
+
+        attention_mask (B, L) bool over tokens (True = real, right padding): padded keys are ignored.
+        """
         x = self.embed(idx)  # (B, L, d)
         B, L, _ = x.shape
         if L > self.max_length:
@@ -262,43 +269,36 @@ class _DiTBase(nn.Module):
             key_mask = am[:, None, None, :]  # (B, 1, 1, L)
         for block in self.blocks:
             x = block(x, cos.to(x.dtype), sin.to(x.dtype), c, causal=self.causal, key_mask=key_mask)
-        x = self.output_layer.pre_linear(x, c)  # (B, L, d)
-        return x, c
+        return at_positions(self.output_layer.pre_linear(x, c), at)  # (B, L, d) | (N, d)
 
-    def forward(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None, sigma: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, L·ℓ) -> logits (B, L, V) over token ids, or (N, V) at the True entries of `logits_at` (B, L).
-
-        attention_mask (B, L) bool over tokens (True = real, right padding): padded keys are ignored.
-        """
-        x, _ = self.trunk(idx, attention_mask, sigma)
-        if logits_at is not None:
-            x = x[logits_at.to(x.device)]  # (N, d)
+    def head(self, h: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., d) -> fp32 logits (..., V): `output_layer.linear` over the V token classes (the mask class sliced
+        away); with carry-over, `inputs` (..., ℓ) are the positions' input digits (`apply_carry_over`)."""
         lin = self.output_layer.linear
-        logits = F.linear(x, lin.weight[: self.vocab_size], lin.bias[: self.vocab_size]).float()
+        logits = F.linear(h, lin.weight[: self.vocab_size], lin.bias[: self.vocab_size]).float()
         if self.carry_over:
-            logits = self.apply_carry_over(logits, idx, logits_at)
+            if inputs is None:
+                raise ValueError("a carry-over head needs the positions' input digits (`inputs`)")
+            logits = self.apply_carry_over(logits, inputs)
         return logits
 
-    def apply_carry_over(self, logits, idx, logits_at):  # overridden by PerceiverDIT
+    def apply_carry_over(self, logits, inputs):  # overridden by PerceiverDIT
         return logits
 
     @torch.no_grad()
-    def forward_cached(self, idx: torch.Tensor, cache: KVCache | None = None, *, valid: torch.Tensor | None = None,
-                       logits_at: torch.Tensor | None = None, explicit=None) -> tuple[torch.Tensor, KVCache]:
-        """The AR's `forward` over a key/value cache (`prime_eval.networks.kv_cache`: new tokens idx (B, L) after the
-        cached ones, valid (B, L), explicit (positions, mask)) -> (logits, extended cache); DIT has none."""
+    def hidden_cached(self, idx: torch.Tensor, cache: KVCache | None = None, *, valid: torch.Tensor | None = None,
+                      at: torch.Tensor | None = None, explicit=None,
+                      keep_cache: bool = True) -> tuple[torch.Tensor, KVCache | None]:
+        """The AR's `hidden` over a key/value cache (`prime_eval.networks.kv_cache`: new tokens idx (B, L) after the
+        cached ones, valid (B, L), explicit (positions, mask)) -> (hidden states, extended cache or None without
+        `keep_cache`); DIT has none."""
         pos, mask, all_valid, length = begin(self, idx, cache, valid, explicit)
         x = self.embed(idx)  # (B, L, d)
         cos, sin = self.rotary_emb(int(pos.max()) + 1, x.device)  # (P, hs)
         cos, sin = rope_rows(cos.to(x.dtype), sin.to(x.dtype), pos)  # (B, 1, L, hs)
-        x, keys, values = through_blocks(self.blocks, x, cos, sin, cache, mask)
-        x = self.output_layer.pre_linear(x, None)
-        if logits_at is not None:
-            x = x[logits_at.to(x.device)]  # (N, d)
-        lin = self.output_layer.linear
-        logits = F.linear(x, lin.weight[: self.vocab_size], lin.bias[: self.vocab_size]).float()
-        return logits, KVCache(keys, values, all_valid, length)
+        x, keys, values = through_blocks(self.blocks, x, cos, sin, cache, mask, keep=keep_cache)
+        return at_positions(self.output_layer.pre_linear(x, None), at), \
+            (KVCache(keys, values, all_valid, length) if keep_cache else None)
 
 
 class DIT(_DiTBase):
@@ -362,11 +362,8 @@ class PerceiverDIT(_DiTBase):
             self._subtokenizer = SubTokenizer(self.vocab_size, ell=self.ell, base=self.base)
         return self._subtokenizer
 
-    def apply_carry_over(self, logits, idx, logits_at):
-        B, T = idx.shape
-        digits_in = idx.view(B, T // self.ell, self.ell)  # (B, L, ℓ)
-        if logits_at is not None:
-            digits_in = digits_in[logits_at.to(idx.device)]  # (N, ℓ)
-        visible = digits_in.masked_fill(digits_in == self.mask_id, -1)  # (…, ℓ), -1 where masked
+    def apply_carry_over(self, logits, inputs):
+        """logits (…, V) with `inputs` (…, ℓ) the positions' input digits (mask digit b where masked)."""
+        visible = inputs.masked_fill(inputs == self.mask_id, -1)  # (…, ℓ), -1 where masked
         ok = self.subtokenizer.consistent(visible)  # (…, V)
         return logits.masked_fill(~ok.to(logits.device), torch.finfo(logits.dtype).min)

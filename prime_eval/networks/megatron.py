@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from prime_eval.networks.contract import HiddenHead, at_positions
 from prime_eval.networks.kv_cache import KVCache, begin, cached_attention, rope_rows, through_blocks
 from prime_eval.networks.lit_gpt import (RMSNorm, apply_rope, build_rope_cache, grouped_attention, padding_key_mask,
                                          rms_norm, split_grouped_qkv)
@@ -255,9 +256,10 @@ class SubtokenizerBuffers(nn.Module):
 # Networks
 
 
-class _MegatronBase(nn.Module):
-    """Embedding → transformer block → final norm → logits over the V real tokens (untied `output_layer`, or tied
-    to the embedding table). Subclasses name the block (`decoder` / `encoder`) and define `embed`."""
+class _MegatronBase(HiddenHead, nn.Module):
+    """Embedding → transformer block → final norm (`hidden`) → logits over the V real tokens (`head`: untied
+    `output_layer`, or tied to the embedding table). Subclasses name the block (`decoder` / `encoder`) and define
+    `embed`."""
 
     family = "arm"
     causal = True
@@ -285,9 +287,10 @@ class _MegatronBase(nn.Module):
     def embed(self, idx: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, L, d)
         return self.embedding.word_embeddings(idx)
 
-    def forward(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, L·ℓ) -> logits (B, L, V), or (N, V) at the True entries of `logits_at` (B, L), row-major.
+    def hidden(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+               at: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, L·ℓ) -> final hidden states (after `final_layernorm`) (B, L, d), or (N, d) at the True entries
+        of `at` (B, L).
 
         attention_mask (B, L) bool, True = real token, padding on the right: the bidirectional model ignores padded
         keys; the causal model needs no mask for right padding.
@@ -301,27 +304,28 @@ class _MegatronBase(nn.Module):
         key_mask = None if self.causal else padding_key_mask(attention_mask, x.device)
         for layer in self.block.layers:
             x = layer(x, cos, sin, causal=self.causal, key_mask=key_mask)
-        x = self.block.final_layernorm(x)  # (B, L, d)
-        if logits_at is not None:
-            x = x[logits_at.to(x.device)]  # (N, d)
-        return F.linear(x, self.output_weight()).float()  # (B, L, V) | (N, V)
+        return at_positions(self.block.final_layernorm(x), at)  # (B, L, d) | (N, d)
+
+    def head(self, h: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., d) -> fp32 logits (..., V) over the real tokens (`output_weight`)."""
+        return F.linear(h, self.output_weight()).float()
 
     @torch.no_grad()
-    def forward_cached(self, idx: torch.Tensor, cache: KVCache | None = None, *, valid: torch.Tensor | None = None,
-                       logits_at: torch.Tensor | None = None, explicit=None) -> tuple[torch.Tensor, KVCache]:
-        """GPTModel: `forward` over a key/value cache, as in `prime_eval.networks.kv_cache` (idx (B, L) new tokens,
-        valid (B, L) False at padding, explicit (positions, mask) without a cache) -> (logits, extended cache)."""
+    def hidden_cached(self, idx: torch.Tensor, cache: KVCache | None = None, *, valid: torch.Tensor | None = None,
+                      at: torch.Tensor | None = None, explicit=None,
+                      keep_cache: bool = True) -> tuple[torch.Tensor, KVCache | None]:
+        """GPTModel: `hidden` over a key/value cache, as in `prime_eval.networks.kv_cache` (idx (B, L) new tokens,
+        valid (B, L) False at padding, explicit (positions, mask) without a cache) -> (hidden states, extended
+        cache or None without `keep_cache`)."""
         pos, mask, all_valid, length = begin(self, idx, cache, valid, explicit)
         x = self.embed(idx)  # (B, L, d)
         cfg = self.config
         cos, sin = build_rope_cache(int(pos.max()) + 1, cfg.rotary_dim, base=cfg.rotary_base, device=x.device,
                                     round_bf16=False)
         cos, sin = rope_rows(cos, sin, pos)  # (B, 1, L, n/2)
-        x, keys, values = through_blocks(self.block.layers, x, cos, sin, cache, mask)
-        x = self.block.final_layernorm(x)  # (B, L, d)
-        if logits_at is not None:
-            x = x[logits_at.to(x.device)]  # (N, d)
-        return F.linear(x, self.output_weight()).float(), KVCache(keys, values, all_valid, length)
+        x, keys, values = through_blocks(self.block.layers, x, cos, sin, cache, mask, keep=keep_cache)
+        return at_positions(self.block.final_layernorm(x), at), \
+            (KVCache(keys, values, all_valid, length) if keep_cache else None)
 
 
 class GPTModel(_MegatronBase):

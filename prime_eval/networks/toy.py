@@ -4,7 +4,7 @@
   Prime inputs use the lit_gpt layout: a (b+1)·ℓ-row sub-token table, row digit + j·(b+1), summed per token.
 - `OracleDenoiser`: tokens i.i.d. from a known categorical π_V; returns the *exact* conditional
   p(c | y_t) ∝ π_V(c)·1[c consistent with the token's visible digits], so the model's distribution is the data's.
-Both satisfy the network contract of docs/ARCHITECTURE.md.
+Both satisfy the network contract of docs/ARCHITECTURE.md (`hidden`, `head`; forward = head ∘ hidden).
 """
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from prime_eval.networks.contract import HiddenHead, at_positions, position_inputs
 from prime_eval.subtokenizer import SubTokenizer
 
 
-class TinyDenoiser(nn.Module):
+class TinyDenoiser(HiddenHead, nn.Module):
     def __init__(self, family: str, vocab_size: int, *, ell: int = 1, base: int | None = None, d: int = 32,
                  n_head: int = 2, max_length: int = 64, seed: int = 0, scale: float = 1.0,
                  dtype: torch.dtype = torch.float64):
@@ -41,7 +42,8 @@ class TinyDenoiser(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * scale / max(1, p.shape[-1]) ** 0.5)
         self.to(dtype)  # float64 by default: audits compare against exact sums to ~1e-9
 
-    def forward(self, idx, *, attention_mask=None, logits_at=None):
+    def hidden(self, idx, *, attention_mask=None, at=None):
+        """idx (B, L·ℓ) -> the states after the block (B, L, d), or (N, d) at `at` (B, L)."""
         if self.family == "prime":
             B, T = idx.shape
             L = T // self.ell
@@ -61,12 +63,14 @@ class TinyDenoiser(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         h = h + self.proj(a.transpose(1, 2).reshape(B, L, -1))
         h = h + self.mlp(h)
-        if logits_at is not None:
-            h = h[logits_at]
+        return at_positions(h, at)
+
+    def head(self, h, inputs=None):
+        """(..., d) -> logits (..., V) in the network's dtype (float64 by default)."""
         return self.lm_head(h)
 
 
-class OracleDenoiser(nn.Module):
+class OracleDenoiser(HiddenHead, nn.Module):
     """Exact conditional of i.i.d. tokens with probabilities `probs` (V,), under the sub-tokenizer `st`."""
 
     def __init__(self, probs: torch.Tensor, st: SubTokenizer | None = None, family: str = "prime"):
@@ -79,13 +83,15 @@ class OracleDenoiser(nn.Module):
         self.register_buffer("log_probs", probs.double().clamp_min(1e-300).log())
         self._dummy = nn.Parameter(torch.zeros(0))
 
-    def forward(self, idx, *, attention_mask=None, logits_at=None):
-        B = idx.shape[0]
-        ell = self.ell
-        y = idx.view(B, -1, ell)  # (B, L, ℓ)
-        lp = self.log_probs.expand(B, y.shape[1], -1)
+    def hidden(self, idx, *, attention_mask=None, at=None):
+        """The oracle's state of a position is its input: (B, L, ℓ) input ids as float64, or (N, ℓ) at `at`."""
+        return position_inputs(idx, self.ell, at).double()
+
+    def head(self, h, inputs=None):
+        """(..., ℓ) input ids -> log π_V (..., V), -1e30 where a class disagrees with a visible digit (Prime)."""
+        y = h.long()
+        lp = self.log_probs.expand(*y.shape[:-1], -1)
         if self.family == "prime":
-            ok = self.st.consistent(y.masked_fill(y == self.mask_id, -1))  # (B, L, V)
+            ok = self.st.consistent(y.masked_fill(y == self.mask_id, -1))  # (..., V)
             lp = lp.masked_fill(~ok, -1e30)
-        out = lp if logits_at is None else lp[logits_at]
-        return out  # float64: exact enough for audits
+        return lp.contiguous()  # float64: exact enough for audits

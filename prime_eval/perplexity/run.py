@@ -139,7 +139,8 @@ def evaluate_perplexity(net, tokenizer, source, protocol: Protocol | None = None
       source: a `TextSource` (`openwebtext()`, `hf_dataset(...)`, `text_files(...)`), a path or strings.
       estimator: an estimator object, or a name (default: exact / mc / mc); `estimator_options` go to
         `build_estimator` (Prime: `subtokenizer`, `carry_over`, `legacy_scope`, ...).
-      batch_size: network rows per forward pass (blocks per pass when K = 1); never changes a number.
+      batch_size: network rows per forward pass (blocks per pass when K = 1); part of every pass's shape, so it can
+        change the last bits, never what shares a block's passes.
       model: {"name", "checkpoint", "checkpoint_sha256", "params", ...} recorded in the JSON.
       progress: called with a `Progress` at the start and after every step (on rank 0 only), e.g. to draw a bar.
       on_block: called as on_block(block, values, tokens) after each scored block (values: (K,) nats).
