@@ -110,8 +110,9 @@ def read_run(results_file: Path, task: str) -> tuple[dict[int, list[str]], list[
     return raw, stats
 
 
-def _se(x: np.ndarray) -> float:
-    return float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan")
+def _se(x: np.ndarray) -> float | None:
+    """Standard error of the mean; None (JSON null, never NaN) with fewer than two values."""
+    return float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else None
 
 
 def score_answers(lang: Language, items: list[dict], raw: dict[int, list[str]]) -> dict:
@@ -150,7 +151,7 @@ def score_answers(lang: Language, items: list[dict], raw: dict[int, list[str]]) 
     gap = float(paired_a.mean()) if paired else None
     gap_se = _se(paired_a) if paired else None
     out["nll_gap"], out["nll_gap_se"] = gap, gap_se
-    out["nll_gap_ci95"] = list(normal_interval(gap, gap_se)) if paired and not math.isnan(gap_se) else None
+    out["nll_gap_ci95"] = list(normal_interval(gap, gap_se)) if gap_se is not None else None
     return out
 
 

@@ -172,7 +172,7 @@ def _pct(p: float | None, ci=None, detail: str = "") -> Cell:
 def _nats(x: float | None, se: float | None = None, digits: int = 2, detail: str = "") -> Cell:
     if x is None:
         return Cell()
-    unc = f"± {Z95 * se:.{digits}f}" if se is not None and se == se else ""
+    unc = f"± {Z95 * se:.{digits}f}" if se is not None else ""
     return Cell(main=f"{x:.{digits}f}", unc=unc, value=x, detail=detail)
 
 
