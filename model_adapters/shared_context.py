@@ -106,13 +106,14 @@ def _contexts_and_continuations(net, batch: list, S: int, R: int, rows_per_pass:
         valid[b, :len(ctx)] = True
         at[b, len(ctx) - 1] = True  # the context's last token predicts every continuation's first
     h, cache = net.hidden_cached(idx.to(dev), None, valid=valid.to(dev), at=at.to(dev))  # (n_ctx, d)
-    first = _logits(net, Pass([(b, 1) for b in range(len(batch))], h, None), len(batch))  # (1, V) each
+    # the head runs once over the hidden states of the context pass and of all its continuation passes, HEAD_ROWS rows
+    # per call: a call's shape is fixed, so a row's logits depend on its own hidden state alone (pooling the rows of
+    # several passes changes no bit and wastes at most one call's padding)
+    hidden, owners = [h], [(("first", b), 1) for b in range(len(batch))]
     conts: dict[int, list[tuple[int, int, list[int]]]] = {}  # Lc -> [(request, context row, inputs)]
     for b, (_, reqs) in enumerate(batch):
         for r, x in reqs:
-            if not x:  # a one-token continuation: the context's logits are all it needs
-                out[r] = first[b].clone()
-            else:
+            if x:  # a one-token continuation: the context's logits are all it needs
                 conts.setdefault(bucket_length(len(x), cont_bucket), []).append((r, b, x))
     for Lc in sorted(conts, reverse=True):
         work = conts[Lc]
@@ -128,9 +129,16 @@ def _contexts_and_continuations(net, batch: list, S: int, R: int, rows_per_pass:
                 rows[k] = b
             h, _ = net.hidden_cached(idx.to(dev), cache.select(rows, lazy=True), valid=new.to(dev), at=new.to(dev),
                                      keep_cache=False)  # (N, d)
-            pieces = _logits(net, Pass([(k, len(x)) for k, (_, _, x) in enumerate(chunk)], h, None), len(chunk))
-            for k, (r, b, _) in enumerate(chunk):
-                out[r] = torch.cat([first[b], pieces[k]])
+            hidden.append(h)
+            owners += [(r, len(x)) for r, _, x in chunk]
+    del cache
+    keys = [k for k, _ in owners]
+    logits = dict(zip(keys, _logits(net, Pass([(i, n) for i, (_, n) in enumerate(owners)], torch.cat(hidden), None),
+                                    len(owners))))
+    for b, (_, reqs) in enumerate(batch):
+        first = logits[("first", b)]
+        for r, x in reqs:
+            out[r] = torch.cat([first, logits[r]]) if x else first.clone()
 
 
 def _logits(net, pass_: Pass, n: int) -> list[torch.Tensor]:
