@@ -55,6 +55,27 @@ def build_model(shape: str, folder: Path) -> str:
     return f"{shape} ({type(model).__name__}, {params / 1e6:.1f}M parameters, vocabulary {model.config.vocab_size})"
 
 
+def _count_tokens(tokens: dict) -> None:
+    """Count the token slots each model's passes run: lm-eval hf's `_model_call` inputs, our network's
+    `hidden_cached` inputs (and how many of them are real tokens, not fixed-shape padding)."""
+    import lm_eval.models.huggingface as hf
+
+    from prime_eval.networks.hf_causal import HFCausalLM
+
+    model_call, hidden_cached = hf.HFLM._model_call, HFCausalLM.hidden_cached
+
+    def counted_model_call(self, inps, *a, **k):
+        tokens["hf"] += inps.numel()
+        return model_call(self, inps, *a, **k)
+
+    def counted_hidden_cached(self, idx, cache=None, *, valid=None, **k):
+        tokens["arm"] += idx.numel()
+        tokens["arm real"] += idx.numel() if valid is None else int(valid.sum())
+        return hidden_cached(self, idx, cache, valid=valid, **k)
+
+    hf.HFLM._model_call, HFCausalLM.hidden_cached = counted_model_call, counted_hidden_cached
+
+
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -76,7 +97,13 @@ def main() -> None:
     tm = build_task_manager(data_dir=DATA, tasks=TASKS, cache_dir=tmp / "tasks")
     sizes = [int(b) for b in args.batch_sizes.split(",")]
 
+    tokens = {"hf": 0, "arm": 0, "arm real": 0}  # token slots through the network (padding included), per run
+    _count_tokens(tokens)
+
     def run(kind, batch):
+        for k in tokens:
+            if k.startswith(kind):
+                tokens[k] = 0
         if kind == "hf":
             lm = lm_eval.api.registry.get_model("hf").create_from_arg_string(
                 f"pretrained={tmp / 'model'},dtype=float32", {"batch_size": batch, "device": "cpu"})
@@ -87,15 +114,17 @@ def main() -> None:
                                       bootstrap_iters=0, verbosity="ERROR")
         seconds = time.perf_counter() - t0
         lls = [r[0][0] for t in TASKS for s in res["samples"][t] for r in s["resps"]]
-        return seconds, lls
+        return seconds, lls, dict(tokens)
 
     best = {"hf": (float("inf"), None), "arm": (float("inf"), None)}
     outputs = {}
     for _ in range(args.repeats):
         for batch in sizes:
             for kind in ("hf", "arm"):
-                seconds, lls = run(kind, batch)
-                print(f"  {kind:<3} batch {batch:>3}: {seconds:7.2f} s", flush=True)
+                seconds, lls, counted = run(kind, batch)
+                slots = (f"{counted['hf']:,} token slots" if kind == "hf" else
+                         f"{counted['arm']:,} token slots ({counted['arm real']:,} real tokens, the rest padding)")
+                print(f"  {kind:<3} batch {batch:>3}: {seconds:7.2f} s  {slots}", flush=True)
                 if seconds < best[kind][0]:
                     best[kind] = (seconds, batch)
                 outputs[kind] = lls
