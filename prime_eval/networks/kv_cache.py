@@ -51,6 +51,15 @@ class KVCache:
                        self.length.index_select(0, i.to(self.length.device)))
 
 
+def concat_caches(caches: list[KVCache]) -> KVCache:
+    """The caches of several passes over the same slots, one after the other along the batch: row p·B + b is row b of
+    cache p (every cache has B rows of S slots)."""
+    n = len(caches[0].keys)
+    return KVCache([torch.cat([c.keys[k] for c in caches]) for k in range(n)],
+                   [torch.cat([c.values[k] for c in caches]) for k in range(n)],
+                   torch.cat([c.valid for c in caches]), torch.cat([c.length for c in caches]))
+
+
 class _Gathered:
     """Per-layer tensors (B, ...) read as rows `index` of each, gathered on access (`KVCache.select`)."""
 
