@@ -120,28 +120,47 @@ def _contexts_and_continuations(net, batches: list[list], S: int, R: int, rows_p
             owners += [(("first", base + b), 1) for b in range(len(batches[i]))]
             for b, (_, reqs) in enumerate(batches[i]):
                 for r, x in reqs:
-                    if x:  # a one-token continuation: the context's logits are all it needs
+                    if x:  # (a one-token continuation needs only its context's first logits)
                         conts.setdefault(bucket_length(len(x), cont_bucket), []).append((r, base + b, x))
             caches.append(cache)
             size += sum(t.numel() * t.element_size() for t in (*cache.keys, *cache.values))
             i += 1
         cache = caches[0] if len(caches) == 1 else concat_caches(caches)
         del caches
+        context_row = {}  # request -> its context's row in the group
         for Lc in sorted(conts, reverse=True):
             hidden_c, owners_c = _continuation_passes(net, cache, conts[Lc], S, Lc, rows_per_pass)
             hidden += hidden_c
             owners += owners_c
+            context_row.update((r, b) for r, b, _ in conts[Lc])
         del cache
-        # the head over the hidden states of every pass of the group, HEAD_ROWS rows per call: a call's shape is
-        # fixed, so a row's logits depend on its own hidden state alone (pooling changes no bit)
-        logits = dict(zip([k for k, _ in owners],
-                          _logits(net, Pass([(j, n) for j, (_, n) in enumerate(owners)], torch.cat(hidden), None),
-                                  len(owners))))
+        first = _head(net, torch.cat(hidden), owners, context_row, out)
         for p, batch in enumerate(batches[start:i]):
             for b, (_, reqs) in enumerate(batch):
-                first = logits[("first", p * R + b)]
                 for r, x in reqs:
-                    out[r] = torch.cat([first, logits[r]]) if x else first.clone()
+                    if not x:
+                        out[r] = first[p * R + b].clone()
+
+
+def _head(net, hidden: torch.Tensor, owners: list, context_row: dict, out: list) -> dict:
+    """The head over a group's hidden states (N, d), HEAD_ROWS rows per call: a call's shape is fixed, so a row's
+    logits depend on its own hidden state alone (pooling the passes changes no bit). `owners` [(key, rows)] in row
+    order: ("first", context row) for the logits a context's last token gives, then requests. A request's logits,
+    its context's first row and its own rows, go to `out` as soon as its last row arrives, so the group's logits are
+    copied once and each head call's output is released when the next one comes. Returns {context row: (1, V)}."""
+    first, parts = {}, {}
+    for pieces in Pass([(j, n) for j, (_, n) in enumerate(owners)], hidden, None).logits(net):
+        for j, piece in pieces:  # a piece is a view of this call's logits
+            parts.setdefault(j, []).append(piece)
+            key, n = owners[j]
+            if sum(p.shape[0] for p in parts[j]) < n:
+                continue
+            done = parts.pop(j)
+            if isinstance(key, tuple):
+                first[key[1]] = done[0].clone()  # one row
+            else:
+                out[key] = torch.cat([first[context_row[key]], *done])
+    return first
 
 
 def _context_pass(net, batch: list, S: int, R: int):
@@ -178,13 +197,3 @@ def _continuation_passes(net, cache, work: list, S: int, Lc: int, rows_per_pass:
         hidden.append(h)
         owners += [(r, len(x)) for r, _, x in chunk]
     return hidden, owners
-
-
-def _logits(net, pass_: Pass, n: int) -> list[torch.Tensor]:
-    """The logits of each of the pass's n owners, (n_k, V), the head applied `HEAD_ROWS` rows at a time."""
-    got: list[list[torch.Tensor]] = [[] for _ in range(n)]
-    for pieces in pass_.logits(net):
-        for k, piece in pieces:
-            got[k].append(piece)
-    return [torch.cat(p) if len(p) > 1 else p[0] for p in got]
-
