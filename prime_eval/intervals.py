@@ -101,6 +101,12 @@ def normal_quantile(u: float) -> float:
     return NormalDist().inv_cdf(u)
 
 
+def mean_se(x, *, degenerate=None):
+    """SE of the mean of the values x: sd(x, ddof=1)/√n; `degenerate` (default None, JSON null) for fewer than two."""
+    x = np.asarray(x, dtype=np.float64)
+    return float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else degenerate
+
+
 def binomial_se(p: float, n: int) -> float:
     """SE of a mean of n zeros and ones with mean p, as lm-eval computes it: sd(ddof=1)/√n = √(p(1−p)/(n−1))."""
     if n < 2:

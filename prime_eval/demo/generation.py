@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from prime_eval.demo.settings import FAMILIES, LABELS
-from prime_eval.intervals import normal_interval, wilson_interval
+from prime_eval.intervals import mean_se, normal_interval, wilson_interval
 from prime_eval.synthetic import Language, make_corpus
 from prime_eval.synthetic.generative import (TASK, TASK_SAMPLED, answer_log_prob, completion_summary,
                                              make_completion_task, parse_answer, write_completion_tasks)
@@ -110,11 +110,6 @@ def read_run(results_file: Path, task: str) -> tuple[dict[int, list[str]], list[
     return raw, stats
 
 
-def _se(x: np.ndarray) -> float | None:
-    """Standard error of the mean; None (JSON null, never NaN) with fewer than two values."""
-    return float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else None
-
-
 def score_answers(lang: Language, items: list[dict], raw: dict[int, list[str]]) -> dict:
     """Every generated answer against the truth: exact match with the Bayes answer and the realised one, its true
     log-likelihood (−inf when invalid), and the paired difference of the valid answers' NLL to the realised
@@ -145,11 +140,11 @@ def score_answers(lang: Language, items: list[dict], raw: dict[int, list[str]]) 
         p = float(np.mean(hits))
         out[key], out[f"{key}_ci95"] = p, list(wilson_interval(p, n))
     out["nll_valid"] = float(nll_a.mean()) if nll else None
-    out["nll_valid_se"] = _se(nll_a) if nll else None
+    out["nll_valid_se"] = mean_se(nll_a) if nll else None
     out["nll_all"] = None if invalid else out["nll_valid"]  # +inf (not a number) when any answer is invalid
     out["nll_per_symbol_valid"] = float(nll_a.sum() / sum(symbols)) if nll else None
     gap = float(paired_a.mean()) if paired else None
-    gap_se = _se(paired_a) if paired else None
+    gap_se = mean_se(paired_a) if paired else None
     out["nll_gap"], out["nll_gap_se"] = gap, gap_se
     out["nll_gap_ci95"] = list(normal_interval(gap, gap_se)) if gap_se is not None else None
     return out

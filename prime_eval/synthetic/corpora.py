@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prime_eval.intervals import mean_se
 from prime_eval.io import write_jsonl
 from prime_eval.synthetic.language import Language
 
@@ -28,7 +29,7 @@ def entropy_stats(nll: np.ndarray, n_bytes: np.ndarray, n_symbols: np.ndarray | 
     b = np.asarray(n_bytes, dtype=np.float64)
     n = nll.size
     out = {"docs": int(n), "nats_per_doc": float(nll.mean()),
-           "nats_per_doc_se": float(nll.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")}
+           "nats_per_doc_se": mean_se(nll, degenerate=float("nan"))}
     r = nll.sum() / b.sum()
     se_r = math.sqrt(((nll - r * b) ** 2).sum() / (n * (n - 1))) / b.mean() if n > 1 else float("nan")
     out["bits_per_byte"] = float(r / LN2)

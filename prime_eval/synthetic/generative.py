@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prime_eval.intervals import mean_se
 from prime_eval.synthetic.language import END, Language
 
 TASK = "synth_complete"
@@ -131,7 +132,7 @@ def completion_summary(items: list[dict]) -> dict:
     e = np.exp(np.array([it["bayes_logp"] for it in items]))
     nll = -np.array([it["answer_logp"] for it in items])
     words = np.array([it["answer_words"] for it in items], dtype=np.float64)
-    se = lambda x: float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")  # noqa: E731
+    se = lambda x: mean_se(x, degenerate=float("nan"))  # noqa: E731
     return {"docs": n, "bayes_em": float(c.mean()), "bayes_expected": float(e.mean()), "bayes_expected_se": se(e),
             "answer_nll": float(nll.mean()), "answer_nll_se": se(nll), "answer_words": float(words.mean()),
             "bayes_nll": float(-np.mean([it["bayes_logp"] for it in items]))}

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prime_eval.intervals import mean_se
 from prime_eval.synthetic.language import END, Language
 
 
@@ -113,8 +114,8 @@ def task_summary(docs: list[dict]) -> dict:
     m = np.array([max(d["posterior"]) for d in docs])
     n = len(docs)
     return {"docs": n, "choices": len(docs[0]["choices"]) if docs else 0,
-            "bayes_acc": float(c.mean()), "bayes_acc_se": float(c.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
-            "bayes_expected": float(m.mean()), "bayes_expected_se": float(m.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+            "bayes_acc": float(c.mean()), "bayes_acc_se": mean_se(c, degenerate=0.0),
+            "bayes_expected": float(m.mean()), "bayes_expected_se": mean_se(m, degenerate=0.0),
             "chance": 1.0 / len(docs[0]["choices"]) if docs else 0.0}
 
 
