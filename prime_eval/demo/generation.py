@@ -15,7 +15,6 @@ own. Forward passes per generated token come from the adapters' `generations_<ta
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 
 from prime_eval.demo.settings import FAMILIES, LABELS
 from prime_eval.intervals import mean_se, normal_interval, wilson_interval
+from prime_eval.report.files import read_jsonl
 from prime_eval.synthetic import Language, make_corpus
 from prime_eval.synthetic.generative import (TASK, TASK_SAMPLED, answer_log_prob, completion_summary,
                                              make_completion_task, parse_answer, write_completion_tasks)
@@ -102,11 +102,9 @@ def read_run(results_file: Path, task: str) -> tuple[dict[int, list[str]], list[
     folder = Path(results_file).parent
     raw: dict[int, list[str]] = {}
     for f in sorted(folder.glob(f"samples_{task}_*.jsonl")):
-        for line in f.read_text().splitlines():
-            s = json.loads(line)
+        for s in read_jsonl(f):
             raw[int(s["doc"]["id"])] = [r for rs in s["resps"] for r in (rs if isinstance(rs, list) else [rs])]
-    stats = [json.loads(line) for f in sorted(folder.glob(f"generations_{task}_*.jsonl"))
-             for line in f.read_text().splitlines()]
+    stats = [row for f in sorted(folder.glob(f"generations_{task}_*.jsonl")) for row in read_jsonl(f)]
     return raw, stats
 
 
