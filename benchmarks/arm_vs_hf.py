@@ -6,9 +6,10 @@ The model has SmolLM-135M's shape (Llama architecture: 30 layers, width 576, 9 h
 `save_pretrained` next to the Llama-2 tokenizer from $PRIME_EVAL_DATA (its 32,000 ids index the first rows of the
 49,152-row embedding). Real piqa / hellaswag / arc_easy documents (--limit each) are scored through
 `lm_eval.simple_evaluate` by both model classes in the same process: for every batch size of --batch-sizes, `hf`
-then `arm`, --repeats times; the best time of each model over all its batch sizes is compared. Our `arm` runs each
-multiple-choice context once and scores the choices on its key/value cache (docs/adapters.md). Also checks that both
-return the same log-likelihoods (max |Δ|). Target (issue 17): hf / arm >= 1.5. `--shape gpt2-small` reproduces the
+then `arm`, --repeats times; the best time of each model over all its batch sizes is compared. Our `arm` packs
+documents side by side in passes of 32 × batch token slots, each multiple-choice context once and every choice
+attending to it (docs/adapters.md); the token slots each model runs are printed. Also checks that both return the
+same log-likelihoods (max |Δ|). Target (issue 17): hf / arm >= 1.5. `--shape gpt2-small` reproduces the
 earlier benchmark's 4-layer GPT-2. The machine's load average is printed before and after: on a shared machine the
 ratio, not the seconds, is the figure.
 

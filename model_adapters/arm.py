@@ -2,8 +2,8 @@
 
     lm_eval --model arm --model_args checkpoint=ar.safetensors,tokenizer=tokenizers/llama2/tokenizer.model ...
 
-Log-likelihood: exact teacher forcing, summed over the continuation; the choices of a document share one pass over
-their context (its key/value cache; `model_adapters.shared_context`); `is_greedy`: every continuation token is the
+Log-likelihood: exact teacher forcing, summed over the continuation; the choices of a document share one run of
+their context, in packed passes (`model_adapters.shared_context`); `is_greedy`: every continuation token is the
 argmax of its conditional (lm-eval's `hf` convention). `generate_until`: lm-eval `hf`'s contract
 (`model_adapters.generate_until`) with cached decoding batched across requests (`prime_eval.generation.arm`).
 Every model argument: `prime-eval score --help` (`prime_eval.settings`).
@@ -16,7 +16,7 @@ from model_adapters import generate_until as G
 from model_adapters.base import PrimeEvalLM
 from model_adapters.shared_context import forward_rows_shared_context
 from prime_eval.generation.arm import generate_arm
-from prime_eval.networks.kv_cache import supports_kv_cache
+from prime_eval.networks.kv_cache import supports_kv_cache, supports_packed_passes
 
 
 @register_model("arm")
@@ -24,9 +24,9 @@ class ARMLM(PrimeEvalLM):
     family = "arm"
 
     def _forward(self, rows_list: list) -> list:
-        """Logits of many requests' rows; with a key/value cache, each distinct context runs once and its
-        continuations run on top of its cache (the same numbers up to float rounding)."""
-        if not supports_kv_cache(self.net):
+        """Logits of many requests' rows; each distinct context runs once and its continuations attend to it, in
+        packed passes (the same numbers up to float rounding), where the network can run them."""
+        if not supports_packed_passes(self.net):
             return super()._forward(rows_list)
         return forward_rows_shared_context(self.net, rows_list, self.rows_per_pass, pack=self.settings.pack)
 

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from prime_eval.adaptive import SETTLED, AdaptiveRule, decide
 from prime_eval.estimators import mean_and_stderr
+from prime_eval.networks.kv_cache import Parts
 
 RESULT_FIELDS = ("ll", "stderr", "num_samples", "rows", "is_greedy", "greedy_rows", "greedy_computed", "extra")
 CACHE_KIND = "request"
@@ -152,7 +153,8 @@ class RequestScorer:
                     job = queue.popleft()
                     waiting["choices" if job.adaptive else "fixed"] -= len(job.items)
                     active.append(job)
-            self._update_total(bar, waiting, active)
+            self._update_total(bar, waiting, active,
+                               sum(_rows(r) for job, step in chunk if not job.adaptive for _, r, _ in step))
             self._score_chunk(chunk)
             done += sum(len(j.items) for j in active if j.final)
             active = [j for j in active if not j.final]
@@ -330,12 +332,13 @@ class RequestScorer:
                 return
 
     # -- progress ------------------------------------------------------------------------------------------------
-    def _update_total(self, bar, waiting: dict, active: list[_Job]) -> None:
-        """bar.total = rows done + the running estimate of the rows left (module docstring); O(active jobs)."""
+    def _update_total(self, bar, waiting: dict, active: list[_Job], in_flight: int = 0) -> None:
+        """bar.total = rows done + the running estimate of the rows left (module docstring), `in_flight` (the rows of
+        the fixed-sample requests of the chunk about to be scored) included; O(active jobs)."""
         if bar.disable or not self._rows_per_sample:
             return
         rps = self._rows_per_sample[0] / self._rows_per_sample[1]
-        left = self._greedy_left + rps * (waiting["fixed"] * self.num_samples
+        left = in_flight + self._greedy_left + rps * (waiting["fixed"] * self.num_samples
                                           + (waiting["choices"] * self._expected_samples(0) if self.rule else 0))
         for job in active:
             if job.final:
@@ -392,7 +395,8 @@ def _counting_rows(net, bar):
     a stack of blocks (its largest ModuleList): a pass of R rows through B blocks moves the bar B times by ~R/B, so
     the bar moves several times per pass even on a slow CPU. A pass is a call of the network's trunk (`hidden`,
     `hidden_cached`) or of `forward` / `forward_cached`; its rows are those with positions that need logits (`at`;
-    dummy rows that fill a pass of fixed shape are not counted), complete when the call returns."""
+    dummy rows that fill a pass of fixed shape are not counted; a packed pass counts the requests it serves,
+    `Parts.rows`), complete when the call returns."""
     if bar.disable or not isinstance(net, torch.nn.Module):
         yield
         return
@@ -415,7 +419,10 @@ def _counting_rows(net, bar):
                 return method(idx, *args, **kwargs)
             at = kwargs.get("at", kwargs.get("logits_at"))
             advance(state["rows"])  # a pass that did not return (cannot happen) is complete
-            state.update(rows=int(idx.shape[0]) if at is None else int(at.any(1).sum()), done=0, blocks=0, depth=1)
+            explicit = kwargs.get("explicit")
+            rows = int(idx.shape[0]) if at is None else int(at.any(1).sum())
+            rows = explicit[1].rows if isinstance(explicit, tuple) and isinstance(explicit[1], Parts) else rows
+            state.update(rows=rows, done=0, blocks=0, depth=1)
             try:
                 return method(idx, *args, **kwargs)
             finally:

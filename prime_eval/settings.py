@@ -189,8 +189,8 @@ class Settings:
                                      "one chunk", check=_at_least(1))
     max_logits_mb: float = setting(2048, "size cap of one chunk, as the MB of its logits (arm holds them; "
                                    "mdm and prime reduce them as they come)", check=_positive)
-    pack: str = setting("bucket", "rows sharing a pass: bucket (padded to a multiple of 32 tokens; ARM: each "
-                        "context once, continuations padded to a multiple of 8), length (one length), request (each "
+    pack: str = setting("bucket", "rows sharing a pass: bucket (padded to a multiple of 32 tokens; ARM: "
+                        "documents packed side by side, each context once), length (one length), request (each "
                         "request in passes of its own: the same bits as bucket); a request's numbers never depend on "
                         "what shares its passes", choices=PACKING)
     max_length: int | None = setting(None, "token window (default: the network's); longer inputs are "

@@ -319,6 +319,26 @@ def test_one_progress_bar_in_forward_rows_moving_every_pass(gpt2_tok, monkeypatc
     assert bar.n == sum(deep_passes) == bar.total
 
 
+def test_arm_progress_total_counts_the_chunk_being_scored(gpt2_tok, monkeypatch):
+    """ARM requests take one forward row each, so the bar's total is exact from the start. It used to leave out the
+    chunk being scored (a total of 89 for 320 requests, then a bar running past 100%), and packed passes counted one
+    row each whatever they served: now the total never falls below the rows done and each pass moves the bar by the
+    requests it serves (`Parts.rows`)."""
+    import model_adapters.scoring as S
+    from prime_eval.networks.lit_gpt import GPT, Config
+
+    _BarRecorder.bars = []
+    monkeypatch.setattr(S, "tqdm", _BarRecorder)
+    torch.manual_seed(0)
+    net = GPT(Config(n_layer=2, n_embd=32, n_head=4, n_query_groups=2, intermediate_size=48, vocab_size=50257,
+                     block_size=256, rope_bf16=False))
+    reqs = _requests(12)
+    ARMLM(model=net, tokenizer=gpt2_tok, rows_per_pass=2, chunk_rows=5).loglikelihood(reqs)
+    (bar,) = [b for b in _BarRecorder.bars if not b.disable]
+    assert bar.totals and all(t == len(reqs) for t in bar.totals)
+    assert bar.n == len(reqs) and len(bar.updates) >= 3  # three chunks at least
+
+
 def _record_passes(net) -> list[int]:
     """The rows of every forward pass of `net` (its trunk, `hidden`) that need logits: dummy rows that fill a pass of
     fixed shape are not forward rows of any request."""
@@ -417,10 +437,10 @@ def test_bad_settings_fail_before_the_weights_are_read(monkeypatch, lit_checkpoi
 
 @pytest.mark.parametrize("kind", ["hf", "lit_gpt"])
 def test_arm_runs_each_shared_context_once(kind, tiny_gpt2_dir, gpt2_tok):
-    """Issue 17: the choices of a document share their context, which runs once (its keys and values then serve every
-    continuation); the log-likelihoods equal full causal rows' to float precision. The passes have fixed shapes, so a
-    request's value is the same bits whatever is scored with it and in what order, and pack=request (each request
-    in passes of its own, its context run for it alone) gives the same bits."""
+    """Issue 17: the choices of a document share their context, which runs once in a packed pass (every continuation
+    attends to it); the log-likelihoods equal full causal rows' to float precision. The passes have one shape and
+    each part its own attention call, so a request's value is the same bits whatever is scored with it and in what
+    order, and pack=request (each request in a pass of its own, its context run for it alone) gives the same bits."""
     import torch.nn.functional as F
 
     from prime_eval.networks.lit_gpt import GPT, Config
@@ -436,15 +456,16 @@ def test_arm_runs_each_shared_context_once(kind, tiny_gpt2_dir, gpt2_tok):
     for d, ctx in enumerate(["Question: where do cats sleep?\nAnswer:", "The sky is", "A long context " * 9]):
         for j, cont in enumerate([" on the mat", " in a box of old shoes", " nowhere", " x"]):
             reqs.append(Instance("loglikelihood", {}, (ctx, cont), j, ("doc", d, 1)))
-    seen = []  # (real tokens, over a cache?) of every pass
+    seen = []  # (real tokens, token slots, packed?) of every pass
     hidden_cached = lm.net.hidden_cached
-    lm.net.hidden_cached = lambda idx, cache=None, **k: (seen.append((int(k["valid"].sum()), cache is not None)),
-                                                         hidden_cached(idx, cache, **k))[1]
+    lm.net.hidden_cached = lambda idx, cache=None, **k: (
+        seen.append((int(k["valid"].sum()), idx.numel(), k.get("explicit") is not None)), hidden_cached(idx, cache, **k))[1]
     shared = lm.loglikelihood(reqs)
     del lm.net.hidden_cached
     pairs = [lm._encode_pair(*r.args) for r in reqs]
-    assert sum(n for n, over in seen if not over) == sum(len(c) for c, _ in pairs[::4])  # each context once
-    assert sum(n for n, over in seen if over) == sum(len(x) - 1 for _, x in pairs)  # then the continuations
+    assert all(packed and slots == 4 * 32 for _, slots, packed in seen)  # rows_per_pass · TOKENS_PER_ROW slots
+    # each context once, then each continuation's inputs: one pass holds all three documents
+    assert [n for n, _, _ in seen] == [sum(len(c) for c, _ in pairs[::4]) + sum(len(x) - 1 for _, x in pairs)]
     with torch.no_grad():
         for (ll, greedy), (c, x) in zip(shared, pairs):
             logp = F.log_softmax(lm.net(torch.tensor([c + x[:-1]]))[0, len(c) - 1:].double(), -1)  # a full row

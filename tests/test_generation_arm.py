@@ -203,10 +203,10 @@ def _causal_networks():
 
 
 @pytest.mark.parametrize("name", ["lit_gpt", "mdlm_ar", "megatron", "hf_gpt2", "hf_llama"])
-def test_kv_cache_and_shared_prefix_rows_equal_full_passes(name):
+def test_kv_cache_and_packed_passes_equal_full_passes(name):
     """Every causal network: a left-padded prefill, token-by-token extension over the cache (rows selected from it)
-    and the shared-prefix rows of scoring give the logits of plain full passes (fp32 tolerance)."""
-    from prime_eval.networks.kv_cache import shared_prefix_rows
+    and the packed passes of scoring (`Parts`) give the logits of plain full passes (fp32 tolerance)."""
+    from prime_eval.networks.kv_cache import Parts, supports_packed_passes
 
     net = _peaked(_causal_networks()[name], std=0.2)
     assert supports_kv_cache(net)
@@ -225,12 +225,15 @@ def test_kv_cache_and_shared_prefix_rows_equal_full_passes(name):
     for t in range(12, 20):
         step, cache = net.forward_cached(x[[2, 1], t:t + 1], cache)
         torch.testing.assert_close(step[:, 0], full[[2, 1], t], rtol=1e-4, atol=1e-4)
-    # scoring's layout: context x[0, :8] once, continuations x[0, 8:14] and x[1, 8:11] (as if after that context)
-    conts = [x[0, 8:14].tolist(), x[1, 8:11].tolist()]
-    idx, valid, pos, mask, spans = shared_prefix_rows([(x[0, :8].tolist(), conts)])
+    # scoring's layout: context x[0, :8] once, continuations x[0, 8:14] and x[1, 8:11] (as if after that context),
+    # then the fill of a pass of 24 slots; each part attends to its prefix and causally to itself
+    assert supports_packed_passes(net)
+    idx = torch.cat([x[0, :14], x[1, 8:11], torch.zeros(7, dtype=torch.long)])[None]
+    pos = torch.cat([torch.arange(14), torch.arange(8, 11), torch.zeros(7, dtype=torch.long)])[None]
+    valid = torch.arange(24)[None] < 17
+    parts = Parts(((0, 8, 0, 0), (8, 6, 0, 8), (14, 3, 0, 8)))
     with torch.no_grad():
-        shared, _ = net.forward_cached(idx, None, valid=valid, explicit=(pos, mask))
-        alone = net(torch.cat([x[:1, :8], torch.tensor([conts[1]])], 1))
-    torch.testing.assert_close(shared[0, :14], full[0, :14], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(shared[0, 14:17], alone[0, 8:11], rtol=1e-4, atol=1e-4)
-    assert spans == [[(0, 8), (8, 6), (14, 3)]]
+        packed, _ = net.forward_cached(idx, None, valid=valid, explicit=(pos, parts))
+        alone = net(torch.cat([x[:1, :8], x[1:2, 8:11]], 1))
+    torch.testing.assert_close(packed[0, :14], full[0, :14], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(packed[0, 14:17], alone[0, 8:11], rtol=1e-4, atol=1e-4)

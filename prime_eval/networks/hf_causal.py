@@ -4,6 +4,12 @@ family "arm", so public ARM baselines sit in the same tables as the diffusion mo
 The wrapped model keeps its own names (`model.*`), so `state_dict()` is the HF one. `hidden` is the base model's last
 hidden state, `head` its output embeddings (checked once against the model's own logits). Logits are returned over the
 first `vocab_size` classes (default: the model config's `vocab_size`; pass the tokenizer's size to drop padded rows).
+
+Packed passes (`hidden_cached(..., explicit=(positions, Parts))`, scoring's shared contexts): the model runs with the
+attention function `prime_eval_parts` (registered in transformers' `AttentionInterface`; `kv_cache.part_attention`),
+which computes each part of the pass on its own. `packed_passes` says whether the model can: its attention goes
+through that interface (transformers' own test, `_can_set_attn_implementation`), it keeps a plain cache (no sliding
+window, no attention sinks or soft-capping), and a probe pass equals the model's own logits.
 """
 from __future__ import annotations
 
@@ -14,7 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from prime_eval.networks.contract import HiddenHead, at_positions
-from prime_eval.networks.kv_cache import KVCache, layout
+from prime_eval.networks.kv_cache import KVCache, Parts, layout, part_attention
+
+PARTS_ATTENTION = "prime_eval_parts"  # transformers AttentionInterface name of `_parts_attention`
 
 
 class HFCausalLM(HiddenHead, nn.Module):
@@ -35,6 +43,7 @@ class HFCausalLM(HiddenHead, nn.Module):
         self.ell, self.base, self.mask_id = 1, None, None
         self._kv_cache: bool | None = None  # `kv_cache`, decided on first use
         self._halves_checked = False  # `_check_halves`, on first use
+        self._packed: bool | None = None  # `packed_passes`, decided on first use
         params = inspect.signature(model.base_model.forward).parameters  # transformers 5: past_key_values -> cache
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
@@ -113,24 +122,88 @@ class HFCausalLM(HiddenHead, nn.Module):
         """New tokens idx (B, L) after the cached ones -> (hidden states as `hidden`, the extended cache or None
         without `keep_cache`), through the base model's cache (a `DynamicCache` rebuilt from our per-layer tensors),
         `attention_mask` = the slots' validity and `position_ids` = the tokens' positions
-        (`prime_eval.networks.kv_cache`). explicit: (positions, mask) of a pass without a cache, given to the model
-        as a custom 4D additive mask."""
+        (`prime_eval.networks.kv_cache`). explicit: (positions (1, M), `Parts`) of a packed pass without a cache
+        (`packed_passes`); no cache is returned for it."""
         from transformers import DynamicCache
 
         self._check_halves(idx.device)
         valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.to(idx.device)
         pos, mask, all_valid, length = layout(cache, valid, self.max_length, explicit)
+        if isinstance(mask, Parts):
+            if not self.packed_passes:
+                raise ValueError(f"{type(self.model).__name__} cannot run packed passes (`packed_passes`)")
+            with _attention(self.model, PARTS_ATTENTION):
+                out = self.model.base_model(input_ids=idx, position_ids=pos, use_cache=False, prime_eval_parts=mask)
+            return at_positions(out.last_hidden_state, at), None
         past = DynamicCache(config=self.model.config) if cache is None else DynamicCache(
             list(zip(cache.keys, cache.values)), config=self.model.config)
-        attention = all_valid.long()
-        if explicit is not None:
-            dtype = next(self.model.parameters()).dtype
-            attention = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-                ~mask, torch.finfo(dtype).min)  # (B, 1, L, L) additive: what eager and sdpa attention both take
-        out = self.model.base_model(input_ids=idx, attention_mask=attention, position_ids=pos, use_cache=True,
+        out = self.model.base_model(input_ids=idx, attention_mask=all_valid.long(), position_ids=pos, use_cache=True,
                                     **{self._cache_arg: past})
         h = at_positions(out.last_hidden_state, at)
         if not keep_cache:
             return h, None
         layers = (out.get("cache") or out.get("past_key_values")).layers
         return h, KVCache([layer.keys for layer in layers], [layer.values for layer in layers], all_valid, length)
+
+    @property
+    def packed_passes(self) -> bool:
+        """Whether the model can run packed passes (module docstring); decided once, by a probe pass of two parts
+        (a context, and a continuation over it) against the model's own logits of the whole sequence."""
+        if self._packed is None:
+            self._packed = False
+            if self.kv_cache and type(self.model)._can_set_attn_implementation():
+                _register_parts_attention()
+                dev = next(self.model.parameters()).device
+                x = torch.arange(1, min(7, self.vocab_size), device=dev)[None]  # (1, n ≤ 6)
+                n = x.shape[1]
+                c = n // 2
+                parts = Parts(((0, c, 0, 0), (c, n - c, 0, c)))
+                with torch.no_grad():
+                    ref = self.model.base_model(input_ids=x, use_cache=False).last_hidden_state
+                    try:
+                        with _attention(self.model, PARTS_ATTENTION):
+                            got = self.model.base_model(input_ids=x, position_ids=torch.arange(n, device=dev)[None],
+                                                        use_cache=False, prime_eval_parts=parts).last_hidden_state
+                    except _NotParts:
+                        got = None
+                self._packed = got is not None and torch.allclose(got, ref, rtol=1e-3,
+                                                                  atol=1e-3 * float(ref.abs().max()))
+        return self._packed
+
+
+class _NotParts(Exception):
+    """An attention call `_parts_attention` cannot compute as the model means it."""
+
+
+def _parts_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention function (query (1, H, M, hs), key / value (1, g, M, hs)) -> ((1, M, H, hs), None):
+    each part of `kwargs["prime_eval_parts"]` on its own (`kv_cache.part_attention`)."""
+    parts = kwargs.get("prime_eval_parts")
+    if parts is None or attention_mask is not None or any(
+            kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "position_bias")):
+        raise _NotParts(f"{type(module).__name__}: an attention this function does not compute")
+    return part_attention(query, key, value, parts, scaling).transpose(1, 2).contiguous(), None
+
+
+def _register_parts_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PARTS_ATTENTION, _parts_attention)
+
+
+class _attention:
+    """Within the block, the model's configs (its own and its base model's) name `implementation` as their attention
+    function; restored after. No mask function is registered under that name, so transformers builds no mask."""
+
+    def __init__(self, model, implementation: str):
+        self.configs = list({id(c): c for c in (model.config, model.base_model.config)}.values())
+        self.implementation = implementation
+
+    def __enter__(self):
+        self.saved = [c._attn_implementation_internal for c in self.configs]
+        for c in self.configs:
+            c._attn_implementation_internal = self.implementation
+
+    def __exit__(self, *exc):
+        for c, saved in zip(self.configs, self.saved):
+            c._attn_implementation_internal = saved

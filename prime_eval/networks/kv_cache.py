@@ -1,5 +1,6 @@
-"""Key/value caches of the causal networks (ARM): run a prefix once, then extend it, token by token (generation) or
-with many continuations at once (scoring whose choices share their context).
+"""Key/value caches of the causal networks (ARM): run a prefix once, then extend it token by token (generation); and
+packed passes (`Parts`): several sequences' pieces side by side in one row, each its own attention (scoring, where
+the choices of a document share their context: `model_adapters.shared_context`).
 
 A cache holds, per layer, the keys and values of every *slot* run so far, (B, g, S, hs), and for each row which
 slots hold real tokens (`valid` (B, S); False for padding) and how many real tokens it holds (`length` (B,), the
@@ -12,11 +13,13 @@ its bucket) are placed at slots S … S+L-1:
 so real tokens see exactly the real tokens before them (the same attention as one unpadded causal pass); a padding
 token sees itself and never a NaN-producing empty row. `extend_layout` computes these; every causal network's
 `forward_cached(idx, cache, valid=..., logits_at=...) -> (logits, cache)` uses it, and `cached_attention` is the
-attention step. Padding a row to a length that depends on the row alone (a bucket) keeps every shape of its
-computation independent of the rows that share the pass.
+attention step (`part_attention` for a packed pass: `hidden_cached(idx, None, explicit=(positions, Parts))`). Padding a
+row to a length that depends on the row alone (a bucket) keeps every shape of its computation independent of the rows
+that share the pass.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -40,41 +43,12 @@ class KVCache:
     def batch(self) -> int:
         return int(self.valid.shape[0])
 
-    def select(self, index: torch.Tensor, *, lazy: bool = False) -> "KVCache":
-        """Rows `index` (B',), repeats allowed: e.g. a context's cache once per continuation. `lazy`: a layer's
-        rows are gathered when that layer reads them (`through_blocks`), so only one layer's copy exists at a time."""
-        index = torch.as_tensor(index, dtype=torch.long)
-        dev = self.valid.device
-        i = index.to(dev)
-        keys, values = _Gathered(self.keys, i), _Gathered(self.values, i)
-        return KVCache(keys if lazy else list(keys), values if lazy else list(values), self.valid.index_select(0, i),
+    def select(self, index: torch.Tensor) -> "KVCache":
+        """Rows `index` (B',), repeats allowed (e.g. the requests still decoding)."""
+        i = torch.as_tensor(index, dtype=torch.long).to(self.valid.device)
+        return KVCache([t.index_select(0, i.to(t.device)) for t in self.keys],
+                       [t.index_select(0, i.to(t.device)) for t in self.values], self.valid.index_select(0, i),
                        self.length.index_select(0, i.to(self.length.device)))
-
-
-def concat_caches(caches: list[KVCache]) -> KVCache:
-    """The caches of several passes over the same slots, one after the other along the batch: row p·B + b is row b of
-    cache p (every cache has B rows of S slots)."""
-    n = len(caches[0].keys)
-    return KVCache([torch.cat([c.keys[k] for c in caches]) for k in range(n)],
-                   [torch.cat([c.values[k] for c in caches]) for k in range(n)],
-                   torch.cat([c.valid for c in caches]), torch.cat([c.length for c in caches]))
-
-
-class _Gathered:
-    """Per-layer tensors (B, ...) read as rows `index` of each, gathered on access (`KVCache.select`)."""
-
-    def __init__(self, tensors: list[torch.Tensor], index: torch.Tensor):
-        self.tensors, self.index = tensors, index
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-    def __getitem__(self, layer: int) -> torch.Tensor:
-        t = self.tensors[layer]
-        return t.index_select(0, self.index.to(t.device))
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
 
 
 def extend_layout(cache: KVCache | None, valid_new: torch.Tensor,
@@ -125,61 +99,77 @@ def through_blocks(blocks, x: torch.Tensor, cos, sin, cache: KVCache | None, mas
 
 
 def layout(cache: KVCache | None, valid_new: torch.Tensor, max_length: int | None,
-           explicit: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """`extend_layout`, or an `explicit` (positions (B, L), mask (B, 1, L, L)) for a pass without a cache (a
-    shared-prefix row, `shared_prefix_rows`); positions must stay below `max_length`."""
+           explicit: tuple[torch.Tensor, "Parts"] | None = None):
+    """`extend_layout`, or an `explicit` (positions (B, L), `Parts`) for a packed pass without a cache (scoring:
+    `model_adapters.shared_context`); positions must stay below `max_length`."""
     if explicit is None:
         return extend_layout(cache, valid_new, max_length)
     if cache is not None:
         raise ValueError("an explicit layout is for a pass without a cache")
-    pos, mask = explicit
+    pos, parts = explicit
+    if not isinstance(parts, Parts):
+        raise TypeError(f"explicit layout: expected (positions, Parts), got a {type(parts).__name__}")
     if max_length is not None and int(pos.max()) >= max_length:
         raise ValueError(f"position {int(pos.max())} exceeds the network's window of {max_length}")
     valid_new = valid_new.to(torch.bool)
-    return pos.to(valid_new.device), mask.to(valid_new.device), valid_new, valid_new.long().sum(1)
+    return pos.to(valid_new.device), parts, valid_new, valid_new.long().sum(1)
 
 
-def shared_prefix_rows(docs: list[tuple[list[int], list[list[int]]]]):
-    """One row per document (context c, continuations s_1..s_k): the tokens c + s_1 + … + s_k, right-padded to the
-    longest row. Context tokens sit at positions 0 … |c|-1 and attend causally among themselves; the tokens of s_j
-    continue at positions |c| … and attend to the whole context and causally to s_j only, never to another s_i:
-    each s_j is computed exactly as in the sequence c + s_j, the context once for all of them.
+@dataclass(frozen=True)
+class Parts:
+    """The attention layout of a packed pass: one row (1, M) holding several sequences' pieces side by side. Part
+    (start, n, prefix_start, P): its n queries at slots start … start+n-1 attend to the P keys of its prefix (slots
+    prefix_start …, e.g. a shared context; P = 0 for none) and causally to its own n keys, nothing else:
 
-    Returns idx (B, T), valid (B, T), positions (B, T), mask (B, 1, T, T) bool (a padding token sees itself) and,
-    per document, the row offsets of its segments [(start, length)] (context first)."""
-    T = max(len(c) + sum(len(s) for s in conts) for c, conts in docs)
-    B = len(docs)
-    idx = torch.zeros(B, T, dtype=torch.long)
-    pos = torch.zeros(B, T, dtype=torch.long)
-    seg = torch.full((B, T), -1, dtype=torch.long)  # segment of each slot: 0 context, j continuation j, -1 padding
-    spans = []
-    for b, (c, conts) in enumerate(docs):
-        at, parts = 0, []
-        for j, piece in enumerate([c] + list(conts)):
-            n = len(piece)
-            idx[b, at:at + n] = torch.as_tensor(piece, dtype=torch.long)
-            pos[b, at:at + n] = torch.arange(n) + (0 if j == 0 else len(c))
-            seg[b, at:at + n] = j
-            parts.append((at, n))
-            at += n
-        spans.append(parts)
-    slot = torch.arange(T)
-    causal = slot[None, :] <= slot[:, None]  # (T, T): key ≤ query
-    same = (seg[:, None, :] == seg[:, :, None]) | (seg[:, None, :] == 0)  # key in the query's segment or context
-    mask = (causal[None] & same & (seg[:, None, :] >= 0) & (seg[:, :, None] >= 0)) | torch.eye(T, dtype=torch.bool)
-    return idx, seg >= 0, pos, mask[:, None], spans
+        part query i attends  prefix key j (all j < P)  and  own key j ≤ i
+
+    Each part is one attention call of its own shape (`part_attention`), so its values depend on its own tokens and
+    lengths alone, whatever else the pass holds and wherever the part sits in it. Slots in no part (the fill of a
+    pass of fixed length) get zeros. `rows`: the request rows the pass serves (the progress bar's unit)."""
+
+    parts: tuple[tuple[int, int, int, int], ...]
+    rows: int = 1
 
 
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: tuple | None, mask: torch.Tensor,
+def part_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: Parts,
+                   scale: float | None = None) -> torch.Tensor:
+    """softmax(q kᵀ·scale + mask) v of each part of a packed pass (`Parts`), each K/V head shared by its H/g query
+    heads: q (1, H, M, hs); k, v (1, g, M, hs) -> (1, H, M, hs)."""
+    y = torch.zeros_like(q)
+    gqa = k.shape[1] != q.shape[1]
+    for start, n, p0, P in parts.parts:
+        own = slice(start, start + n)
+        if P == 0:
+            y[:, :, own] = F.scaled_dot_product_attention(q[:, :, own], k[:, :, own], v[:, :, own], is_causal=True,
+                                                          scale=scale, enable_gqa=gqa)
+        else:
+            pre = slice(p0, p0 + P)
+            y[:, :, own] = F.scaled_dot_product_attention(
+                q[:, :, own], torch.cat([k[:, :, pre], k[:, :, own]], 2), torch.cat([v[:, :, pre], v[:, :, own]], 2),
+                attn_mask=_prefix_causal_mask(n, P, q.device), scale=scale, enable_gqa=gqa)
+    return y
+
+
+@functools.lru_cache(maxsize=256)
+def _prefix_causal_mask(n: int, P: int, device) -> torch.Tensor:
+    """(n, P+n) bool: query i sees every prefix key and its own keys ≤ i (`Parts`)."""
+    j = torch.arange(P + n, device=device)
+    return (j[None, :] < P) | (j[None, :] - P <= torch.arange(n, device=device)[:, None])
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: tuple | None, mask,
                      scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """softmax(q kᵀ·scale + mask) v over the past slots and the new ones, each K/V head shared by its H/g query heads.
 
     q (B, H, L, hs); k, v (B, g, L, hs) of the new tokens; past (k, v) (B, g, S, hs) or None; mask (B, 1, L, S+L)
-    bool. Returns (B, L, H·hs) and the keys / values of all S+L slots (the layer's next cache)."""
+    bool, or `Parts` (a packed pass: `part_attention`). Returns (B, L, H·hs) and the keys / values of all S+L slots
+    (the layer's next cache)."""
+    B, H, L, hs = q.shape
+    if isinstance(mask, Parts):
+        return part_attention(q, k, v, mask, scale).transpose(1, 2).reshape(B, L, H * hs), k, v
     if past is not None:
         k = torch.cat([past[0], k], dim=2)
         v = torch.cat([past[1], v], dim=2)
-    B, H, L, hs = q.shape
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != H)
     return y.transpose(1, 2).reshape(B, L, H * hs), k, v
 
@@ -188,6 +178,12 @@ def supports_kv_cache(net) -> bool:
     """Whether `net` can run with a key/value cache (causal networks with `forward_cached`)."""
     return bool(getattr(net, "causal", False)) and callable(getattr(net, "forward_cached", None)) \
         and getattr(net, "kv_cache", True)
+
+
+def supports_packed_passes(net) -> bool:
+    """Whether `net` can run packed passes (`Parts`): a causal network with a cache whose attention is
+    `cached_attention`, or a Hugging Face model whose attention `part_attention` can replace (`packed_passes`)."""
+    return supports_kv_cache(net) and bool(getattr(net, "packed_passes", True))
 
 
 def rope_rows(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
