@@ -124,9 +124,10 @@ def main() -> None:
     models = bench_models(args.scale, config=args.config, quick=args.quick)
     instances = piqa_instances(args.docs)
     defaults = Settings.parse({}, family="mdm", command="score")
+    estimators = ", ".join(f"{f} {Settings.parse({}, family=f, command='score').estimator}" for f in args.families)
     print(f"passes to reproduce a high-precision ranking: piqa, {args.docs} documents x 2 choices; "
           f"{load_uptime()} at start")
-    print(f"default of prime-eval score: estimator={defaults.estimator}, samples={defaults.samples} (cap), "
+    print(f"default of prime-eval score: estimator ({estimators}), samples={defaults.samples} (cap), "
           f"round_samples={defaults.round_samples}, confidence={defaults.confidence}, "
           f"futility_after={defaults.futility_after}")
     for family in args.families:

@@ -213,7 +213,7 @@ VARIANCE_ARGS = {"demo": ("--scale", "demo", "--docs", "10", "--repeats", "6", "
 # (model_adapters/scoring.py held all the logits of one V = 32,000 request's 1,024 samples: ~3 GB of logits, ~10 GB
 # peak for a 60-token request). The adapters now reduce each head call's logits before the next (peak RSS ~0.7 GB
 # for the same request with a tiny network), so "--families", "mdm", "prime" should fit; not rerun (an hour of CPU).
-ADAPTIVE_ARGS = {"demo": ("--scale", "demo", "--also", "estimator=exact_count"), "llama": ("--scale", "llama", "--docs", "8", "--families", "mdm")}
+ADAPTIVE_ARGS = {"demo": ("--scale", "demo", "--also", "estimator=exact_count", "estimator=sqrt_count"), "llama": ("--scale", "llama", "--docs", "8", "--families", "mdm")}
 
 TIME_ROW = r"│ time .*│\n"
 

@@ -25,11 +25,13 @@ from prime_eval.estimators.rows import PACKING  # forward_rows_batch_invariant's
 FAMILIES = ("arm", "mdm", "prime")
 DIFFUSION = ("mdm", "prime")
 COMMANDS = ("score", "ppl")
-# Default diffusion estimator of `prime-eval score` (benchmarks/variance.py: at equal forward passes, sqrt_count with
-# common random numbers has the lowest variance of the choice differences; `ppl` keeps MDLM's `mc`).
-DEFAULT_SCORE_ESTIMATOR = "sqrt_count"
-DEFAULT_ESTIMATOR = {"score": {"arm": "exact", "mdm": DEFAULT_SCORE_ESTIMATOR, "prime": DEFAULT_SCORE_ESTIMATOR},
+# Default estimators (docs/adapters.md, "The diffusion defaults, measured"). `prime-eval score`: with common random
+# numbers, MDM sqrt_count (the demo's lowest variance of choice differences at equal passes and the most reference
+# decisions reproduced, benchmarks/variance.py and adaptive.py), Prime exact_count (the most decisions reproduced on
+# the demo, the lowest variance at the Diff_LLaMA_6M scale, equal variance on the demo); `ppl` keeps MDLM's `mc`.
+DEFAULT_ESTIMATOR = {"score": {"arm": "exact", "mdm": "sqrt_count", "prime": "exact_count"},
                      "ppl": {"arm": "exact", "mdm": "mc", "prime": "mc"}}
+DEFAULT_SCORE_ESTIMATOR = DEFAULT_ESTIMATOR["score"]  # family -> the score default
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}  # accepted name -> torch dtype name (the one dtype table)
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -380,7 +382,8 @@ def merge_lm_eval_args(model_args: dict, additional: dict | None) -> dict:
 def describe_default(f: dataclasses.Field, command: str) -> str:
     """A field's default as `--help` shows it."""
     if f.name == "estimator":
-        return f"{DEFAULT_ESTIMATOR[command]['mdm']} (arm: exact)"
+        d = DEFAULT_ESTIMATOR[command]
+        return d["mdm"] if d["mdm"] == d["prime"] else f"mdm {d['mdm']}, prime {d['prime']} (arm: exact)"
     d = _default(f, command)
     if d is None:
         return "auto" if str(f.type) == "bool | None" else "-"

@@ -102,7 +102,7 @@ def accuracy_table(summary: dict) -> Table:
     rows.append(bayes + [Cell(main="0", value=0.0) for _ in tasks])
     for fam in FAMILIES:
         est = ("exact" if fam == "arm" else
-               f"{DEFAULT_SCORE_ESTIMATOR}, K≤{summary['settings']['score_samples']} (adaptive)")
+               f"{DEFAULT_SCORE_ESTIMATOR[fam]}, K≤{summary['settings']['score_samples']} (adaptive)")
         row = [f"{LABELS[fam]} ({summary['models'][fam]['params'] / 1e6:.2f}M)", est]
         gaps = []
         for t in tasks:
