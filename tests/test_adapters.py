@@ -15,6 +15,7 @@ from model_adapters import ARMLM, MDMLM, PrimeLM
 from model_adapters.base import request_seed
 from prime_eval.errors import UserError
 from prime_eval.networks.toy import TinyDenoiser
+from prime_eval.settings import DEFAULT_SCORE_ESTIMATOR
 
 PARITY_TASKS = ["piqa", "arc_easy", "hellaswag", "winogrande"]
 SCHEMA = {"task", "doc_id", "choice", "request_index", "loglikelihood", "mc_stderr", "num_samples",
@@ -121,7 +122,8 @@ def test_diffusion_end_to_end(family, lit_checkpoints, shared_data, task_manager
                                   log_samples=True, bootstrap_iters=0)
     assert 0 <= res["results"]["piqa"]["acc,none"] <= 1 and "perplexity,none" in res["results"]["lambada_openai"]
     info = res["config"]["prime_eval"]
-    assert info["family"] == family and info["estimator"] == "sqrt_count" and info["num_samples"] == 4 and info["is_bound"]
+    assert info["family"] == family and info["estimator"] == DEFAULT_SCORE_ESTIMATOR[family]
+    assert info["num_samples"] == 4 and info["is_bound"]
     paths = lm.finalize_run(tmp_path, "2026-01-01T00-00-00")
     rows = {p.name: [json.loads(x) for x in p.read_text().splitlines()] for p in paths}
     piqa = rows["stats_piqa_2026-01-01T00-00-00.jsonl"]
@@ -215,7 +217,7 @@ def test_non_likelihood_settings_flagged(gpt2_tok):
     cfg = MDMLM(model=TinyDenoiser("mdm", len(gpt2_tok)), tokenizer=gpt2_tok, cfg=1.0).get_model_info()["prime_eval"]
     assert cfg["is_bound"] is False and cfg["cfg"] == 1.0
     valid = PrimeLM(model=pnet, tokenizer=gpt2_tok).get_model_info()["prime_eval"]
-    assert valid["is_bound"] is True and valid["estimator"] == "sqrt_count" and valid["num_samples"] == 128
+    assert valid["is_bound"] is True and valid["estimator"] == "exact_count" and valid["num_samples"] == 128
 
 
 def test_bos_policy(gpt2_tok):
