@@ -178,6 +178,24 @@ def test_identical_rerun_with_equal_numbers_is_merged(built):
     assert "arm-tiny-b (" not in (built / "report.md").read_text()
 
 
+def test_runs_split_by_task_are_one_row_and_the_note_says_so(tmp_path):
+    """Two runs of one configuration on different tasks (lm-eval runs split by task) are one row with both tasks; the
+    note used to call the second a repeat "(identical configuration and numbers)", which it is not."""
+    res = json.loads(next((RUNS / "mdm-tiny").glob("results_*.json")).read_text())
+    tasks = sorted(res["results"])
+    assert len(tasks) >= 2
+    for i, keep in enumerate(([tasks[0]], tasks[1:])):
+        part = {k: ({t: v[t] for t in keep if t in v} if isinstance(v, dict) and set(v) & set(tasks) else v)
+                for k, v in res.items()}
+        part["date"] = res["date"] + 3600 * i
+        (tmp_path / f"part{i}").mkdir()
+        (tmp_path / f"part{i}" / f"results_2026-01-0{i + 1}T10-00-00.000001.json").write_text(json.dumps(part))
+    col = rp.load([tmp_path], {})
+    assert len(col.runs) == 1 and sorted(col.runs[0].tasks) == tasks
+    (note,) = col.notes
+    assert "part1/" in note and f"adds {', '.join(tasks[1:])} to" in note and "repeats" not in note
+
+
 def _rerun(tmp_path: Path, change: float) -> Path:
     """mdm-tiny and a copy of its results with a later date; piqa's acc_norm moved by `change`."""
     d = tmp_path / "runs"

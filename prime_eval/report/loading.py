@@ -226,8 +226,7 @@ def _merge(records: list, notes: list) -> list:
         diffs = {id(row): _differences(row, rec) for row in same}
         into = next((row for row in same if not diffs[id(row)]), None)
         if into is not None:
-            notes.append(f"{rec.base}: {_sources(rec)} repeats {_sources(into)} (identical configuration and "
-                         "numbers): shown as one row")
+            notes.append(_merge_note(into, rec))
             _absorb(into, rec)
             continue
         for row in same:
@@ -240,6 +239,17 @@ def _merge(records: list, notes: list) -> list:
         same.append(rec)
         rows.append(rec)
     return rows
+
+
+def _merge_note(into, rec) -> str:
+    """What merging `rec` into `into` means for the reader: a repeat (the same numbers on shared tasks), or a run of
+    the same configuration on other tasks (lm-eval runs split by task), or both."""
+    if isinstance(rec, PplResult):
+        return f"{rec.base}: {_sources(rec)} repeats {_sources(into)} (identical configuration and numbers): shown as one row"
+    shared, added = sorted(set(rec.tasks) & set(into.tasks)), sorted(set(rec.tasks) - set(into.tasks))
+    parts = [f"repeats {_sources(into)} on {', '.join(shared)} (identical configuration and numbers)"] if shared else []
+    parts += [f"adds {', '.join(added)} to {_sources(into)} (the same configuration)"] if added else []
+    return f"{rec.base}: {_sources(rec)} {' and '.join(parts)}: shown as one row"
 
 
 def _differences(row, rec) -> list[str]:
