@@ -196,6 +196,28 @@ def test_runs_split_by_task_are_one_row_and_the_note_says_so(tmp_path):
     assert "part1/" in note and f"adds {', '.join(tasks[1:])} to" in note and "repeats" not in note
 
 
+def test_generation_tasks_get_a_table_of_their_own(tmp_path):
+    """A generate_until task (exact_match of generated answers) used to sit in "Zero-shot accuracy (likelihood-based)"
+    under the run's log-likelihood estimator, with a footnote about its missing Monte Carlo error. It now has a table of
+    its own, without an estimator column or an MC term, and no likelihood table or paired comparison lists it."""
+    shutil.copytree(RUNS / "mdm-tiny", tmp_path / "mdm-tiny")
+    f = next((tmp_path / "mdm-tiny").glob("results_*.json"))
+    res = json.loads(f.read_text())
+    tasks = sorted(res["results"])
+    gen = tasks[0]
+    res["configs"][gen]["output_type"] = "generate_until"
+    f.write_text(json.dumps(res))
+    rep = rp.build(rp.load([tmp_path], {}))
+    by_key = {t.key: t for t in rep.tables}
+    table = by_key["accuracy-generation"]
+    assert "Estimator" not in table.header and {r["task"] for r in table.records} == {gen}
+    assert all(r["se_mc"] == 0.0 and r["estimator"] == "" for r in table.records) and not table.notes
+    for t in rep.tables:
+        if t.key != "accuracy-generation":
+            assert gen not in {r.get("task") for r in t.records}, t.key
+    assert set(tasks[1:]) <= {r["task"] for r in by_key["accuracy"].records}
+
+
 def _rerun(tmp_path: Path, change: float) -> Path:
     """mdm-tiny and a copy of its results with a later date; piqa's acc_norm moved by `change`."""
     d = tmp_path / "runs"

@@ -21,8 +21,9 @@ torch or a model: reports can be rebuilt anywhere from the files.
     plots.py, render.py  PNG plots; Markdown / LaTeX / HTML / CSV / console, written atomically (prime_eval.io)
 
 Interval formulas live in `prime_eval/intervals.py`. Tables: accuracy per section (model likelihoods; the
-left-to-right process of a diffusion model; not likelihoods), paired differences of the likelihood rows, perplexity
-per dataset and section. Best value per column in bold; missing cells read "—" with a lettered footnote (task not
+left-to-right process of a diffusion model; not likelihoods; generated answers of `generate_until` tasks, apart from
+all of these, without estimator or MC term), paired differences of the likelihood rows, perplexity per dataset and
+section. Best value per column in bold; missing cells read "—" with a lettered footnote (task not
 run, run failed, incompatible lm-eval version, metric missing).
 """
 from __future__ import annotations

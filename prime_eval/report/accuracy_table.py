@@ -59,8 +59,9 @@ class AccCell:
         return math.sqrt(self.se_data ** 2 + (self.se_mc or 0.0) ** 2)
 
 
-def accuracy_cell(run, task: str, metric: str, docs) -> AccCell:
-    """The cell of `run` (loading.ModelRun) on `task`; `docs`: its documents.DocData or None."""
+def accuracy_cell(run, task: str, metric: str, docs, *, likelihood: bool = True) -> AccCell:
+    """The cell of `run` (loading.ModelRun) on `task`; `docs`: its documents.DocData or None. Without `likelihood`
+    (generated answers) no Monte Carlo term applies: no likelihood estimate enters the score."""
     tr = run.tasks.get(task)
     if tr is None:
         return AccCell(reason=NOT_RUN)
@@ -73,12 +74,12 @@ def accuracy_cell(run, task: str, metric: str, docs) -> AccCell:
     if se is None and n:
         se = binomial_se(value, n)
     cell = AccCell(value=value, se_data=se, n=n, status="ok")
-    q = docs.q.get(metric) if docs is not None and docs.q is not None else None
+    q = docs.q.get(metric) if likelihood and docs is not None and docs.q is not None else None
     if q:
         cell.se_mc = math.sqrt(mc_variance(list(q.values())))
         if docs.unknown_gold:
             cell.mc_note = UNKNOWN_GOLD.format(k=docs.unknown_gold)
-    elif run.kind in DETERMINISTIC_KINDS:
+    elif run.kind in DETERMINISTIC_KINDS or not likelihood:
         cell.se_mc = 0.0
     elif docs is not None and docs.note:
         cell.mc_note = docs.note
@@ -110,12 +111,15 @@ def _average(cells: list[AccCell], metric_of: list[str]) -> tuple[float, float |
 
 
 def accuracy_table(key: str, title: str, caption: str, runs: list, tasks: list[str], metric: dict,
-                   docs: dict) -> Table:
-    """One table; `docs`: (id(run), task) -> DocData | None."""
+                   docs: dict, *, estimator: bool = True) -> Table:
+    """One table; `docs`: (id(run), task) -> DocData | None. `estimator`: the column naming each row's
+    log-likelihood estimator (not for generation tasks, which involve none)."""
     notes = Notes()
-    cells = {(id(r), t): accuracy_cell(r, t, metric[t], docs.get((id(r), t))) for r in runs for t in tasks}
+    cells = {(id(r), t): accuracy_cell(r, t, metric[t], docs.get((id(r), t)), likelihood=estimator)
+             for r in runs for t in tasks}
     n_of = {t: Counter(cells[(id(r), t)].n for r in runs if cells[(id(r), t)].value is not None) for t in tasks}
-    header = ["Family", "Model", "Params", "Estimator"]
+    header = ["Family", "Model", "Params"] + (["Estimator"] if estimator else [])
+    labels = len(header)
     for t in tasks:
         ns = list(n_of[t])
         header.append(f"{task_label(t)} ({metric[t]}, n={ns[0]})" if len(ns) == 1 and ns[0] else
@@ -124,7 +128,7 @@ def accuracy_table(key: str, title: str, caption: str, runs: list, tasks: list[s
     rows, groups, records = [], [], []
     for run in runs:
         fam = FAMILY_LABEL.get(run.family, run.family)
-        row = [fam, run.display, fmt_params(run.params), run.estimator_label]
+        row = [fam, run.display, fmt_params(run.params)] + ([run.estimator_label] if estimator else [])
         letters = [notes(text) for text in run.notes]
         for t in tasks:
             c = cells[(id(run), t)]
@@ -138,7 +142,8 @@ def accuracy_table(key: str, title: str, caption: str, runs: list, tasks: list[s
             if c.mc_note:
                 letters.append(notes(c.mc_note))
             records.append({"section": key, "family": run.family, "model": run.display, "model_type": run.model_type,
-                            "checkpoint": run.checkpoint, "params": run.params, "estimator": run.estimator_label,
+                            "checkpoint": run.checkpoint, "params": run.params,
+                            "estimator": run.estimator_label if estimator else "",
                             "num_samples": run.num_samples, "bound_kind": run.kind, "task": t, "metric": metric[t],
                             "n": c.n, "value": c.value, "se_data": c.se_data, "se_mc": c.se_mc, "se_total": c.se,
                             "ci95_low": c.lo, "ci95_high": c.hi, "interval": c.method, "status": c.status,
@@ -152,5 +157,5 @@ def accuracy_table(key: str, title: str, caption: str, runs: list, tasks: list[s
         row[1] = with_notes(run.display, letters)
         rows.append(row)
         groups.append(fam)
-    bold_best(rows, 4, higher=True)
-    return Table(key, title, caption, header, rows, groups, notes.texts, n_labels=4, records=records)
+    bold_best(rows, labels, higher=True)
+    return Table(key, title, caption, header, rows, groups, notes.texts, n_labels=labels, records=records)

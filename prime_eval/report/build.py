@@ -21,6 +21,13 @@ ACCURACY_SECTIONS = {
                          "Scores from guided, tempered or non-bound estimators. They answer a different question "
                          "than the likelihood table above and must not be compared with it. "),
 }
+GENERATION = ("accuracy-generation", "Generation (generate_until tasks)",
+              "Scores of the answers each model generated (lm-eval `generate_until`, e.g. exact_match): no "
+              "likelihood and no estimator is involved, so these tasks are kept apart from the likelihood-based "
+              "tables and have no Monte Carlo term; the model labels carry the decoding settings that tell runs "
+              "apart. ")
+GENERATION_CAPTION = ("Accuracy in percent with its 95% interval [low, high] (Wilson's score interval, inside [0, 100]); "
+                      "n = documents scored per task; best per column in bold.")
 
 
 def build(collection, *, metric_override: dict | None = None, baseline: str | None = None,
@@ -42,19 +49,26 @@ def build(collection, *, metric_override: dict | None = None, baseline: str | No
         for t, tr in r.tasks.items():
             if tr.status == "ok" and t in metric:
                 docs[(id(r), t)] = doc_data(tr, sorted({metric[t], "acc"}))
+    generated = {t for r in runs for t, tr in r.tasks.items() if tr.output_type == "generate_until"}
     tables = []
     for section, (key, name, lead) in ACCURACY_SECTIONS.items():
-        rows = sorted_runs([r for r in runs if r.section == section])
-        if rows:  # the columns: the tasks its rows report (or tried to)
-            cols = order_tasks(t for r in rows for t in r.tasks)
+        rows = sorted_runs([r for r in runs if r.section == section and set(r.tasks) - generated])
+        if rows:  # the columns: the tasks its rows report (or tried to), generation apart
+            cols = [t for t in order_tasks(t for r in rows for t in r.tasks) if t not in generated]
             tables.append(accuracy_table(key, name, lead + CAPTION, rows, cols, metric, docs))
-    like = sorted_runs([r for r in runs if r.section == "likelihood"])
+    gen_rows = sorted_runs([r for r in runs if set(r.tasks) & generated])
+    if gen_rows:
+        key, name, lead = GENERATION
+        cols = [t for t in order_tasks(t for r in gen_rows for t in r.tasks) if t in generated]
+        tables.append(accuracy_table(key, name, lead + GENERATION_CAPTION, gen_rows, cols, metric, docs,
+                                     estimator=False))
+    like = sorted_runs([r for r in runs if r.section == "likelihood" and set(r.tasks) - generated])
     if baseline and not any(baseline in (r.name, r.display, r.base) for r in like):
         raise UserError(f"--baseline {baseline!r} is not a likelihood-based model of this report "
                         f"(models: {', '.join(r.display for r in like)})")
     notes = list(collection.notes)
     if len(like) >= 2:
-        like_tasks = order_tasks(t for r in like for t in r.tasks)
+        like_tasks = [t for t in order_tasks(t for r in like for t in r.tasks) if t not in generated]
         usable = {id(r) for r in paired_runs(like, like_tasks, docs)}
         if len(usable) >= 2:
             tables.append(paired_table(like, like_tasks, metric, docs, baseline))
