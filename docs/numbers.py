@@ -280,22 +280,31 @@ def check(names: list[str] | None = None, root: Path = ROOT) -> list[str]:
     return problems
 
 def write(names: list[str] | None = None, measured: bool = False, root: Path = ROOT) -> list[str]:
+    """Regenerate the quotes (measured ones only with `measured`). Every command runs first; each file is then read
+    and rewritten at once, so edits made to a file while a long measurement ran are kept."""
+    files = sorted({f for q in QUOTES.values() for f in q.files})
+
+    def wanted(name: str) -> bool:
+        q = QUOTES.get(name)
+        return q is not None and (not names or q.name in names) and (measured or not q.measured)
+
+    produced: dict[str, str] = {}
+    for path in files:
+        for m in MARK.finditer((root / path).read_text(encoding="utf-8")):
+            name = m.group("name")
+            if wanted(name) and name not in produced:
+                produced[name] = QUOTES[name].produce()
     changed = []
-    for path in sorted({f for q in QUOTES.values() for f in q.files}):
+    for path in files:
         p = root / path
         text = p.read_text(encoding="utf-8")
-
-        def repl(m: re.Match) -> str:
-            q = QUOTES.get(m.group("name"))
-            if q is None or (names and q.name not in names) or (q.measured and not measured):
-                return m.group(0)
-            return f"<!-- numbers:{q.name} -->{q.produce()}<!-- /numbers -->"
-
-        new = MARK.sub(repl, text)
+        new = MARK.sub(lambda m: (f"<!-- numbers:{m.group('name')} -->{produced[m.group('name')]}<!-- /numbers -->"
+                                  if m.group("name") in produced else m.group(0)), text)
         if new != text:
             p.write_text(new, encoding="utf-8")
             changed.append(path)
     return changed
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

@@ -41,3 +41,18 @@ def test_a_stale_quote_is_caught_and_rewritten(numbers, tmp_path, monkeypatch):
     monkeypatch.setattr(numbers, "QUOTES", {"x": numbers.Quote("x", ("README.md",), "time", lambda: "9 s", measured=True)})
     assert numbers.check(root=tmp_path) == [] and numbers.write(root=tmp_path) == []
     assert numbers.write(root=tmp_path, measured=True) == ["README.md"]
+
+
+def test_edits_made_while_a_measurement_runs_are_kept(numbers, tmp_path, monkeypatch):
+    """`--write --measured` runs benchmarks for minutes; it used to read the file, measure, then write back what it had
+    read, so a paragraph edited meanwhile was silently reverted."""
+    doc = tmp_path / "README.md"
+    doc.write_text("old prose <!-- numbers:x -->1<!-- /numbers -->\n", encoding="utf-8")
+
+    def measure() -> str:
+        doc.write_text(doc.read_text(encoding="utf-8").replace("old prose", "new prose"), encoding="utf-8")
+        return "2"
+
+    monkeypatch.setattr(numbers, "QUOTES", {"x": numbers.Quote("x", ("README.md",), "time", measure, measured=True)})
+    assert numbers.write(root=tmp_path, measured=True) == ["README.md"]
+    assert doc.read_text(encoding="utf-8") == "new prose <!-- numbers:x -->2<!-- /numbers -->\n"
