@@ -211,7 +211,7 @@ VARIANCE_ARGS = {"demo": ("--scale", "demo", "--docs", "10", "--repeats", "6", "
                            "exact_count", "sqrt_count")}
 # llama: both families on the same Diff_LLaMA_6M models (benchmarks/common.py trains and caches them; the cached
 # references and fixed runs make a rerun take minutes, a cold one about an hour of this machine).
-ADAPTIVE_ARGS = {"demo": ("--scale", "demo", "--also", "estimator=exact_count", "estimator=sqrt_count"), "llama": ("--scale", "llama", "--docs", "8")}
+ADAPTIVE_ARGS = {"demo": ("--scale", "demo", "--also", "estimator=exact_count", "estimator=sqrt_count"), "llama": ("--scale", "llama", "--docs", "8", "--also", "estimator=exact_count", "estimator=sqrt_count")}
 
 TIME_ROW = r"│ time .*│\n"
 

@@ -25,10 +25,10 @@ from prime_eval.estimators.rows import PACKING  # forward_rows_batch_invariant's
 FAMILIES = ("arm", "mdm", "prime")
 DIFFUSION = ("mdm", "prime")
 COMMANDS = ("score", "ppl")
-# Default estimators (docs/adapters.md, "The diffusion defaults, measured"). `prime-eval score`: with common random
-# numbers, MDM sqrt_count (the demo's lowest variance of choice differences at equal passes and the most reference
-# decisions reproduced, benchmarks/variance.py and adaptive.py), Prime exact_count (the most decisions reproduced on
-# the demo, the lowest variance at the Diff_LLaMA_6M scale, equal variance on the demo); `ppl` keeps MDLM's `mc`.
+# Default estimators (docs/adapters.md, "The diffusion defaults, measured"). `prime-eval score`, with common random
+# numbers: per family the estimator that reproduces at least as many reference decisions as a fixed 1,024-sample run
+# at the demo and the Diff_LLaMA_6M scale with a tenth of its passes (benchmarks/adaptive.py): MDM sqrt_count, Prime
+# exact_count. `ppl` keeps MDLM's `mc`.
 DEFAULT_ESTIMATOR = {"score": {"arm": "exact", "mdm": "sqrt_count", "prime": "exact_count"},
                      "ppl": {"arm": "exact", "mdm": "mc", "prime": "mc"}}
 DEFAULT_SCORE_ESTIMATOR = DEFAULT_ESTIMATOR["score"]  # family -> the score default
