@@ -264,6 +264,13 @@ def test_other_settings_label_rows_apart(tmp_path):
     res["config"]["limit"] = 10
     (d / "b" / "results_2026-01-03T10-00-00.000001.json").write_text(json.dumps(res))
     assert sorted(r.display for r in rp.load([d], {}).runs) == ["prime-tiny (limit=10)", "prime-tiny (limit=20)"]
+    # one setting recorded twice (a model argument and the generation config it went into) is named once
+    res["config"]["limit"] = 20
+    res["config"]["prime_eval"]["remasking"] = res["config"]["prime_eval"]["generation"] = None
+    res["config"]["prime_eval"].update(remasking="random", generation={"remasking": "random"})
+    (d / "b" / "results_2026-01-03T10-00-00.000001.json").write_text(json.dumps(res))
+    assert sorted(r.display for r in rp.load([d], {}).runs) == ["prime-tiny (remasking=None)",
+                                                                "prime-tiny (remasking=random)"]
 
 
 def test_intervals_stay_in_range(built):

@@ -204,6 +204,14 @@ def _tag(level: int, item, same: list) -> str:
 
 
 def _differing_settings(item, same: list) -> str:
+    """Up to three settings that differ, "name=value"; one setting recorded twice (a model argument and the
+    generation config it went into: remasking and generation.remasking) is shown once."""
     keys = sorted({k for x in same for k in x.settings})
     differ = [k for k in keys if len({json.dumps(x.settings.get(k), default=str) for x in same}) > 1]
-    return ", ".join(f"{k.split('.', 1)[-1]}={_value(item.settings.get(k))}" for k in differ[:3])
+    shown, seen = [], set()
+    for k in sorted(differ, key=lambda k: (k.count("."), k)):  # the shallower name of a setting recorded twice
+        value = _value(item.settings.get(k))
+        if (k.rsplit(".", 1)[-1], value) not in seen:
+            seen.add((k.rsplit(".", 1)[-1], value))
+            shown.append(f"{k.split('.', 1)[-1]}={value}")
+    return ", ".join(shown[:3])
