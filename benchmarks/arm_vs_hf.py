@@ -9,7 +9,8 @@ The model has SmolLM-135M's shape (Llama architecture: 30 layers, width 576, 9 h
 then `arm`, --repeats times; the best time of each model over all its batch sizes is compared. Our `arm` packs
 documents side by side in passes of 32 × batch token slots, each multiple-choice context once and every choice
 attending to it (docs/adapters.md); the token slots each model runs are printed. Also checks that both return the
-same log-likelihoods (max |Δ|). Target (issue 17): hf / arm >= 1.5. `--shape gpt2-small` reproduces the
+same log-likelihoods (max |Δ|, and in float32 steps of each value: lm-eval sums in fp32, so a value near -1,500
+differs by 1.2e-4 per step). Target (issue 17): hf / arm >= 1.5. `--shape gpt2-small` reproduces the
 earlier benchmark's 4-layer GPT-2. The machine's load average is printed before and after: on a shared machine the
 ratio, not the seconds, is the figure.
 
@@ -129,14 +130,19 @@ def main() -> None:
                 if seconds < best[kind][0]:
                     best[kind] = (seconds, batch)
                 outputs[kind] = lls
+    import numpy as np
+
     diff = max(abs(a - b) for a, b in zip(outputs["hf"], outputs["arm"]))
+    # in units of one float32 step at each value (lm-eval sums a continuation's log-probabilities in fp32)
+    ulps = max(abs(a - b) / float(np.spacing(np.float32(abs(a)))) for a, b in zip(outputs["hf"], outputs["arm"]))
     n = len(outputs["hf"])
     (t_hf, b_hf), (t_arm, b_arm) = best["hf"], best["arm"]
     print(f"{n} loglikelihood requests ({', '.join(TASKS)}, limit {args.limit}), {desc}, CPU, "
           f"{os.cpu_count()} cores, best of batch sizes {sizes} x {args.repeats}")
     print(f"lm-eval hf      {t_hf:7.2f} s  (batch {b_hf})")
     print(f"prime-eval arm  {t_arm:7.2f} s  (batch {b_arm})")
-    print(f"speed-up hf/arm {t_hf / t_arm:7.2f}   target >= 1.5   (max |Δ loglikelihood| = {diff:.2e})")
+    print(f"speed-up hf/arm {t_hf / t_arm:7.2f}   target >= 1.5   (max |Δ loglikelihood| = {diff:.2e}, at most "
+          f"{ulps:.1f} float32 steps of the value)")
     print(f"load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f}")
 
 
