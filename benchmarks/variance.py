@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import SCALES, bench_models, load_uptime, real_requests  # noqa: E402
 from prime_eval.estimators import forward_rows, get_estimator, mean_and_stderr  # noqa: E402
-from prime_eval.settings import DEFAULT_SCORE_ESTIMATOR  # noqa: E402
+from prime_eval.settings import DEFAULT_ESTIMATOR  # noqa: E402
 
 CONFIGS = [("SMDM-style mc", "mc", False), ("LLaDA-style exact_count", "exact_count", False),
            ("mc + CRN", "mc", True), ("levels + CRN", "levels", True),
@@ -98,7 +98,7 @@ def main() -> None:
             print(f"{label:26s} {r['passes']:7.1f} {r['var_req']:10.4f} {r['var_diff']:10.4f} "
                   f"{r['vpp_diff']:17.2f} {ratios[(name, crn)]:13.1f}x  {time.perf_counter() - t0:6.1f}  "
                   f"[{load_uptime()}]")
-        default = DEFAULT_SCORE_ESTIMATOR[family]
+        default = DEFAULT_ESTIMATOR["score"][family]
         if (default, True) in ratios:
             ratio = ratios[(default, True)]
             met = "met" if ratio >= VARIANCE_TARGET else "NOT met"

@@ -37,12 +37,12 @@ from prime_eval.adaptive import AdaptiveRule
 from prime_eval.errors import UserError
 from prime_eval.estimators import ESTIMATORS, forward_rows_batch_invariant, forward_terms, get_estimator
 from prime_eval.loading import load_model
-from prime_eval.settings import DEFAULT_SCORE_ESTIMATOR, Settings, merge_lm_eval_args
+from prime_eval.settings import Settings, merge_lm_eval_args
 from model_adapters import generate_until as G
 from model_adapters.scoring import RESULT_FIELDS, RequestScorer, ScoreCounters, request_seed
 
 log = logging.getLogger("prime_eval.adapters")
-__all__ = ["PrimeEvalLM", "request_seed", "DEFAULT_SCORE_ESTIMATOR"]
+__all__ = ["PrimeEvalLM", "request_seed"]
 
 
 def _key(value) -> tuple:

@@ -31,7 +31,6 @@ COMMANDS = ("score", "ppl")
 # exact_count. `ppl` keeps MDLM's `mc`.
 DEFAULT_ESTIMATOR = {"score": {"arm": "exact", "mdm": "sqrt_count", "prime": "exact_count"},
                      "ppl": {"arm": "exact", "mdm": "mc", "prime": "mc"}}
-DEFAULT_SCORE_ESTIMATOR = DEFAULT_ESTIMATOR["score"]  # family -> the score default
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}  # accepted name -> torch dtype name (the one dtype table)
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -383,7 +382,7 @@ def describe_default(f: dataclasses.Field, command: str) -> str:
     """A field's default as `--help` shows it."""
     if f.name == "estimator":
         d = DEFAULT_ESTIMATOR[command]
-        return d["mdm"] if d["mdm"] == d["prime"] else f"mdm {d['mdm']}, prime {d['prime']} (arm: exact)"
+        return (d["mdm"] if d["mdm"] == d["prime"] else f"mdm {d['mdm']}, prime {d['prime']}") + " (arm: exact)"
     d = _default(f, command)
     if d is None:
         return "auto" if str(f.type) == "bool | None" else "-"

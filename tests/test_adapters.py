@@ -15,7 +15,7 @@ from model_adapters import ARMLM, MDMLM, PrimeLM
 from model_adapters.base import request_seed
 from prime_eval.errors import UserError
 from prime_eval.networks.toy import TinyDenoiser
-from prime_eval.settings import DEFAULT_SCORE_ESTIMATOR
+from prime_eval.settings import DEFAULT_ESTIMATOR
 
 PARITY_TASKS = ["piqa", "arc_easy", "hellaswag", "winogrande"]
 SCHEMA = {"task", "doc_id", "choice", "request_index", "loglikelihood", "mc_stderr", "num_samples",
@@ -122,7 +122,7 @@ def test_diffusion_end_to_end(family, lit_checkpoints, shared_data, task_manager
                                   log_samples=True, bootstrap_iters=0)
     assert 0 <= res["results"]["piqa"]["acc,none"] <= 1 and "perplexity,none" in res["results"]["lambada_openai"]
     info = res["config"]["prime_eval"]
-    assert info["family"] == family and info["estimator"] == DEFAULT_SCORE_ESTIMATOR[family]
+    assert info["family"] == family and info["estimator"] == DEFAULT_ESTIMATOR["score"][family]
     assert info["num_samples"] == 4 and info["is_bound"]
     paths = lm.finalize_run(tmp_path, "2026-01-01T00-00-00")
     rows = {p.name: [json.loads(x) for x in p.read_text().splitlines()] for p in paths}

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from prime_eval.errors import UserError
-from prime_eval.settings import (DEFAULT_SCORE_ESTIMATOR, Settings, adaptive_applies, help_text, merge_lm_eval_args,
+from prime_eval.settings import (DEFAULT_ESTIMATOR, Settings, adaptive_applies, help_text, merge_lm_eval_args,
                                  parse_bool, ppl_flags)
 
 
@@ -34,9 +34,9 @@ def test_one_vocabulary_across_commands(command):
     assert (s.samples, s.seed, s.eps, s.T) == (4, 7, 0.01, 10)
     defaults = Settings.parse({}, family="mdm", command=command)
     assert (defaults.samples, defaults.seed, defaults.estimator) == (
-        (128, 1234, DEFAULT_SCORE_ESTIMATOR["mdm"]) if command == "score" else (1, 0, "mc"))
+        (128, 1234, DEFAULT_ESTIMATOR["score"]["mdm"]) if command == "score" else (1, 0, "mc"))
     assert Settings.parse({}, family="prime", command=command).estimator == (
-        DEFAULT_SCORE_ESTIMATOR["prime"] if command == "score" else "mc")
+        DEFAULT_ESTIMATOR["score"]["prime"] if command == "score" else "mc")
     assert Settings.parse({"num_samples": 8}, family="mdm", command=command).samples == 8
 
 

@@ -88,7 +88,7 @@ def entropy_table(summary: dict) -> Table:
 
 
 def accuracy_table(summary: dict) -> Table:
-    from prime_eval.settings import DEFAULT_SCORE_ESTIMATOR  # what `prime-eval score` used (its default)
+    from prime_eval.settings import DEFAULT_ESTIMATOR  # what `prime-eval score` used (its default)
 
     tasks = list(summary["data"]["tasks"])
     acc = summary["accuracy"]
@@ -102,7 +102,7 @@ def accuracy_table(summary: dict) -> Table:
     rows.append(bayes + [Cell(main="0", value=0.0) for _ in tasks])
     for fam in FAMILIES:
         est = ("exact" if fam == "arm" else
-               f"{DEFAULT_SCORE_ESTIMATOR[fam]}, K≤{summary['settings']['score_samples']} (adaptive)")
+               f"{DEFAULT_ESTIMATOR['score'][fam]}, K≤{summary['settings']['score_samples']} (adaptive)")
         row = [f"{LABELS[fam]} ({summary['models'][fam]['params'] / 1e6:.2f}M)", est]
         gaps = []
         for t in tasks:

@@ -111,14 +111,14 @@ def _average(cells: list[AccCell], metric_of: list[str]) -> tuple[float, float |
 
 
 def accuracy_table(key: str, title: str, caption: str, runs: list, tasks: list[str], metric: dict,
-                   docs: dict, *, estimator: bool = True) -> Table:
-    """One table; `docs`: (id(run), task) -> DocData | None. `estimator`: the column naming each row's
-    log-likelihood estimator (not for generation tasks, which involve none)."""
+                   docs: dict, *, likelihood: bool = True) -> Table:
+    """One table; `docs`: (id(run), task) -> DocData | None. `likelihood`: scores from a log-likelihood estimator
+    (an Estimator column, the MC term); False for generated answers, which involve none."""
     notes = Notes()
-    cells = {(id(r), t): accuracy_cell(r, t, metric[t], docs.get((id(r), t)), likelihood=estimator)
+    cells = {(id(r), t): accuracy_cell(r, t, metric[t], docs.get((id(r), t)), likelihood=likelihood)
              for r in runs for t in tasks}
     n_of = {t: Counter(cells[(id(r), t)].n for r in runs if cells[(id(r), t)].value is not None) for t in tasks}
-    header = ["Family", "Model", "Params"] + (["Estimator"] if estimator else [])
+    header = ["Family", "Model", "Params"] + (["Estimator"] if likelihood else [])
     labels = len(header)
     for t in tasks:
         ns = list(n_of[t])
@@ -128,7 +128,7 @@ def accuracy_table(key: str, title: str, caption: str, runs: list, tasks: list[s
     rows, groups, records = [], [], []
     for run in runs:
         fam = FAMILY_LABEL.get(run.family, run.family)
-        row = [fam, run.display, fmt_params(run.params)] + ([run.estimator_label] if estimator else [])
+        row = [fam, run.display, fmt_params(run.params)] + ([run.estimator_label] if likelihood else [])
         letters = [notes(text) for text in run.notes]
         for t in tasks:
             c = cells[(id(run), t)]
@@ -143,7 +143,7 @@ def accuracy_table(key: str, title: str, caption: str, runs: list, tasks: list[s
                 letters.append(notes(c.mc_note))
             records.append({"section": key, "family": run.family, "model": run.display, "model_type": run.model_type,
                             "checkpoint": run.checkpoint, "params": run.params,
-                            "estimator": run.estimator_label if estimator else "",
+                            "estimator": run.estimator_label if likelihood else "",
                             "num_samples": run.num_samples, "bound_kind": run.kind, "task": t, "metric": metric[t],
                             "n": c.n, "value": c.value, "se_data": c.se_data, "se_mc": c.se_mc, "se_total": c.se,
                             "ci95_low": c.lo, "ci95_high": c.hi, "interval": c.method, "status": c.status,

@@ -61,7 +61,7 @@ def build(collection, *, metric_override: dict | None = None, baseline: str | No
         key, name, lead = GENERATION
         cols = [t for t in order_tasks(t for r in gen_rows for t in r.tasks) if t in generated]
         tables.append(accuracy_table(key, name, lead + GENERATION_CAPTION, gen_rows, cols, metric, docs,
-                                     estimator=False))
+                                     likelihood=False))
     like = sorted_runs([r for r in runs if r.section == "likelihood" and set(r.tasks) - generated])
     if baseline and not any(baseline in (r.name, r.display, r.base) for r in like):
         raise UserError(f"--baseline {baseline!r} is not a likelihood-based model of this report "

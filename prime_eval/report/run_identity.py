@@ -210,8 +210,8 @@ def _differing_settings(item, same: list) -> str:
     differ = [k for k in keys if len({json.dumps(x.settings.get(k), default=str) for x in same}) > 1]
     shown, seen = [], set()
     for k in sorted(differ, key=lambda k: (k.count("."), k)):  # the shallower name of a setting recorded twice
-        value = _value(item.settings.get(k))
-        if (k.rsplit(".", 1)[-1], value) not in seen:
-            seen.add((k.rsplit(".", 1)[-1], value))
+        value, short = _value(item.settings.get(k)), k.rsplit(".", 1)[-1]
+        if (short, value) not in seen:
+            seen.add((short, value))
             shown.append(f"{k.split('.', 1)[-1]}={value}")
     return ", ".join(shown[:3])
