@@ -233,7 +233,10 @@ def test_kv_cache_and_packed_passes_equal_full_passes(name):
     valid = torch.arange(24)[None] < 17
     parts = Parts(((0, 8, 0, 0), (8, 6, 0, 8), (14, 3, 0, 8)))
     with torch.no_grad():
-        packed, _ = net.forward_cached(idx, None, valid=valid, explicit=(pos, parts))
+        packed, kept = net.forward_cached(idx, None, valid=valid, explicit=(pos, parts))
+        assert kept is None  # a packed pass keeps no cache, and asking for one is an error, on every network
+        with pytest.raises(ValueError, match="keep_cache=False"):
+            net.hidden_cached(idx, None, valid=valid, explicit=(pos, parts), keep_cache=True)
         alone = net(torch.cat([x[:1, :8], x[1:2, 8:11]], 1))
     torch.testing.assert_close(packed[0, :14], full[0, :14], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(packed[0, 14:17], alone[0, 8:11], rtol=1e-4, atol=1e-4)

@@ -47,6 +47,8 @@ class HiddenHead:
     def forward_cached(self, idx: torch.Tensor, cache=None, *, valid: torch.Tensor | None = None,
                        logits_at: torch.Tensor | None = None, explicit=None):
         """`forward` over a key/value cache (`prime_eval.networks.kv_cache`): new tokens idx (B, L), valid (B, L)
-        (False: padding), explicit (positions, mask) -> (logits as `forward`, the extended cache)."""
-        h, cache = self.hidden_cached(idx, cache, valid=valid, at=logits_at, explicit=explicit)
+        (False: padding), explicit (positions, `Parts`) -> (logits as `forward`, the extended cache; None for a
+        packed pass, which keeps none)."""
+        h, cache = self.hidden_cached(idx, cache, valid=valid, at=logits_at, explicit=explicit,
+                                      keep_cache=explicit is None)
         return self.head(h, position_inputs(idx, self.ell, logits_at)), cache

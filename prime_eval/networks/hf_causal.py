@@ -123,12 +123,12 @@ class HFCausalLM(HiddenHead, nn.Module):
         without `keep_cache`), through the base model's cache (a `DynamicCache` rebuilt from our per-layer tensors),
         `attention_mask` = the slots' validity and `position_ids` = the tokens' positions
         (`prime_eval.networks.kv_cache`). explicit: (positions (1, M), `Parts`) of a packed pass without a cache
-        (`packed_passes`); no cache is returned for it."""
+        (`packed_passes`), with keep_cache=False."""
         from transformers import DynamicCache
 
         self._check_halves(idx.device)
         valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.to(idx.device)
-        pos, mask, all_valid, length = layout(cache, valid, self.max_length, explicit)
+        pos, mask, all_valid, length = layout(cache, valid, self.max_length, explicit, keep_cache)
         if isinstance(mask, Parts):
             if not self.packed_passes:
                 raise ValueError(f"{type(self.model).__name__} cannot run packed passes (`packed_passes`)")

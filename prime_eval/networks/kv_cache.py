@@ -73,13 +73,13 @@ def extend_layout(cache: KVCache | None, valid_new: torch.Tensor,
     return pos, mask[:, None], valid, length
 
 
-def begin(net, idx: torch.Tensor, cache: KVCache | None, valid: torch.Tensor | None, explicit):
+def begin(net, idx: torch.Tensor, cache: KVCache | None, valid: torch.Tensor | None, explicit, keep: bool):
     """The first step of every causal network's `forward_cached`: (positions (B, L), mask (B, 1, L, S+L), the new
     cache's valid and length) of the new tokens (`layout`); valid defaults to all True."""
     if not getattr(net, "causal", False):
         raise ValueError(f"{type(net).__name__} is bidirectional: it has no key/value cache")
     valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.to(idx.device)
-    return layout(cache, valid, getattr(net, "max_length", None), explicit)
+    return layout(cache, valid, getattr(net, "max_length", None), explicit, keep)
 
 
 def through_blocks(blocks, x: torch.Tensor, cos, sin, cache: KVCache | None, mask: torch.Tensor, *,
@@ -99,13 +99,14 @@ def through_blocks(blocks, x: torch.Tensor, cos, sin, cache: KVCache | None, mas
 
 
 def layout(cache: KVCache | None, valid_new: torch.Tensor, max_length: int | None,
-           explicit: tuple[torch.Tensor, "Parts"] | None = None):
+           explicit: tuple[torch.Tensor, "Parts"] | None = None, keep: bool = True):
     """`extend_layout`, or an `explicit` (positions (B, L), `Parts`) for a packed pass without a cache (scoring:
-    `model_adapters.shared_context`); positions must stay below `max_length`."""
+    `model_adapters.shared_context`); positions must stay below `max_length`. A packed pass neither reads nor
+    keeps a cache (its keys sit side by side, not in a sequence that could be extended): `keep` must be False."""
     if explicit is None:
         return extend_layout(cache, valid_new, max_length)
-    if cache is not None:
-        raise ValueError("an explicit layout is for a pass without a cache")
+    if cache is not None or keep:
+        raise ValueError("an explicit layout is for a pass without a cache: pass cache=None and keep_cache=False")
     pos, parts = explicit
     if not isinstance(parts, Parts):
         raise TypeError(f"explicit layout: expected (positions, Parts), got a {type(parts).__name__}")

@@ -383,7 +383,7 @@ class _LitBase(HiddenHead, nn.Module):
         """`hidden` over a key/value cache (the contract of `prime_eval.networks.kv_cache`; causal GPT only): new
         tokens idx (B, L), valid (B, L) (False: padding), explicit (positions, mask) -> (hidden states, extended cache
         or None without `keep_cache`)."""
-        pos, mask, all_valid, length = begin(self, idx, cache, valid, explicit)
+        pos, mask, all_valid, length = begin(self, idx, cache, valid, explicit, keep_cache)
         x = self.embed(idx)  # (B, L, d)
         cfg = self.config
         cos, sin = build_rope_cache(int(pos.max()) + 1, int(cfg.rotary_percentage * cfg.head_size),

@@ -292,7 +292,7 @@ class _DiTBase(HiddenHead, nn.Module):
         """The AR's `hidden` over a key/value cache (`prime_eval.networks.kv_cache`: new tokens idx (B, L) after the
         cached ones, valid (B, L), explicit (positions, mask)) -> (hidden states, extended cache or None without
         `keep_cache`); DIT has none."""
-        pos, mask, all_valid, length = begin(self, idx, cache, valid, explicit)
+        pos, mask, all_valid, length = begin(self, idx, cache, valid, explicit, keep_cache)
         x = self.embed(idx)  # (B, L, d)
         cos, sin = self.rotary_emb(int(pos.max()) + 1, x.device)  # (P, hs)
         cos, sin = rope_rows(cos.to(x.dtype), sin.to(x.dtype), pos)  # (B, 1, L, hs)

@@ -317,7 +317,7 @@ class _MegatronBase(HiddenHead, nn.Module):
         """GPTModel: `hidden` over a key/value cache, as in `prime_eval.networks.kv_cache` (idx (B, L) new tokens,
         valid (B, L) False at padding, explicit (positions, mask) without a cache) -> (hidden states, extended
         cache or None without `keep_cache`)."""
-        pos, mask, all_valid, length = begin(self, idx, cache, valid, explicit)
+        pos, mask, all_valid, length = begin(self, idx, cache, valid, explicit, keep_cache)
         x = self.embed(idx)  # (B, L, d)
         cfg = self.config
         cos, sin = build_rope_cache(int(pos.max()) + 1, cfg.rotary_dim, base=cfg.rotary_base, device=x.device,
