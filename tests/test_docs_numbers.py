@@ -43,6 +43,17 @@ def test_a_stale_quote_is_caught_and_rewritten(numbers, tmp_path, monkeypatch):
     assert numbers.write(root=tmp_path, measured=True) == ["README.md"]
 
 
+def test_a_quote_made_on_another_cpu_is_current_and_a_changed_number_is_not(numbers):
+    """The ppl example's interval printed 21590.6915 on one CPU and 21590.6916 on another (other float kernels): the
+    same quote. One changed digit further left, or changed text, is a stale quote."""
+    a = "ppl_ci95: [21590.6915, 42198.5382], tokens 4,096"
+    assert numbers.same(a, "ppl_ci95: [21590.6916, 42198.5383], tokens 4,096")
+    assert not numbers.same(a, "ppl_ci95: [21590.7915, 42198.5382], tokens 4,096")
+    assert not numbers.same(a, "ppl_ci95: [21590.6915, 42198.5382], tokens 4,097")
+    assert not numbers.same(a, "ppl_ci95: [21590.6915, 42198.5382], blocks 4,096")
+    assert not numbers.same("+9.6 (+25%)", "+9.7 (+25%)")
+
+
 def test_edits_made_while_a_measurement_runs_are_kept(numbers, tmp_path, monkeypatch):
     """`--write --measured` runs benchmarks for minutes; it used to read the file, measure, then write back what it had
     read, so a paragraph edited meanwhile was silently reverted."""
