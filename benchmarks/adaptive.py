@@ -107,6 +107,9 @@ def parse_spec(spec: str) -> dict:
 
 
 def main() -> None:
+    from prime_eval.demo.numerics import pin
+
+    pin()  # first: the demo scale's models are trained with the float kernels `prime-eval demo` uses
     from prime_eval.settings import Settings
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

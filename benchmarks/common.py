@@ -138,9 +138,13 @@ def demo_models(quick: bool = False, seed: int = 0, with_artifacts: bool = False
     from rich.console import Console
 
     from prime_eval.demo.models import ensure_models, load_demo_network
+    from prime_eval.demo.numerics import state
     from prime_eval.demo.settings import default_cache_dir, default_settings
     from prime_eval.synthetic.ground_truth import generate
 
+    if not state()["pinned"]:
+        print("note: float kernels not pinned (call prime_eval.demo.numerics.pin() before torch computes): these "
+              "are not the models `prime-eval demo` trains", file=sys.stderr)
     settings = default_settings(seed=seed, quick=quick)
     data = generate(settings.language, settings.n_train, settings.n_heldout, settings.n_task_items)
     art = ensure_models(settings, data, default_cache_dir(), console=Console(stderr=True))

@@ -37,6 +37,9 @@ def estimates(net, est, reqs, k_of, seed, rows_per_pass=1024):
 
 
 def main() -> None:
+    from prime_eval.demo.numerics import pin
+
+    pin()  # first: the demo scale's models are trained with the float kernels `prime-eval demo` uses
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=4)

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/progress.py --layers 4 --dim 256 --docs 10
 
 A random-weight lit_gpt MDM (TransEncoder over the GPT-2 vocabulary) scores real piqa documents through lm-eval's
-`simple_evaluate` with the default settings (exact_count, K ≤ 128, adaptive, greedy auto), as `prime-eval score`
+`simple_evaluate` with the default settings (sqrt_count, K ≤ 128, adaptive, greedy auto), as `prime-eval score`
 does. The bar (`model_adapters.scoring`) is replaced by a recorder that timestamps each move, so the figure is the
 gap between two moves of the bar the user sees, next to the run time and to the old behaviour (a bar that moved once
 per chunk of requests and restarted at every adaptive round).

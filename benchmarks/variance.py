@@ -65,6 +65,9 @@ def run(net, st, family, docs, name, crn, passes, repeats, rows_per_pass=512):
 
 
 def main() -> None:
+    from prime_eval.demo.numerics import pin
+
+    pin()  # first: the demo scale's models are trained with the float kernels `prime-eval demo` uses
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=8)

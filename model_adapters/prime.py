@@ -5,7 +5,7 @@
 Model args: `permutation` (upstream perm file, or `identity`; required when the checkpoint needs one and does not
 carry one: a permutation saved with the weights is used, and a given file must equal it), `ell` / `base`
 (where shapes are ambiguous), `carry_over` (v1; default from the checkpoint); the loader (`prime_eval.loading`) builds
-the sub-tokenizer from them. Estimators: `exact_count` (default for scoring), `sqrt_count`, `mc` (valid bound),
+the sub-tokenizer from them. Estimators: `sqrt_count` (default for scoring), `exact_count`, `mc` (valid bound),
 `levels`, `iw`
 (importance-weighted any-order bound; `orders=K`, `proposal=uniform|pl`, `tau`), `legacy_joint` (the published
 score; with `cfg`, `temperature`, `chunk`, `legacy_scope`; not a bound).

@@ -29,7 +29,7 @@ COMMANDS = ("score", "ppl")
 # numbers: per family the estimator that reproduces at least as many reference decisions as a fixed 1,024-sample run
 # at the demo and the Diff_LLaMA_6M scale with a tenth of its passes (benchmarks/adaptive.py): MDM sqrt_count, Prime
 # exact_count. `ppl` keeps MDLM's `mc`.
-DEFAULT_ESTIMATOR = {"score": {"arm": "exact", "mdm": "sqrt_count", "prime": "exact_count"},
+DEFAULT_ESTIMATOR = {"score": {"arm": "exact", "mdm": "sqrt_count", "prime": "sqrt_count"},
                      "ppl": {"arm": "exact", "mdm": "mc", "prime": "mc"}}
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}  # accepted name -> torch dtype name (the one dtype table)

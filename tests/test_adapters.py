@@ -217,7 +217,7 @@ def test_non_likelihood_settings_flagged(gpt2_tok):
     cfg = MDMLM(model=TinyDenoiser("mdm", len(gpt2_tok)), tokenizer=gpt2_tok, cfg=1.0).get_model_info()["prime_eval"]
     assert cfg["is_bound"] is False and cfg["cfg"] == 1.0
     valid = PrimeLM(model=pnet, tokenizer=gpt2_tok).get_model_info()["prime_eval"]
-    assert valid["is_bound"] is True and valid["estimator"] == "exact_count" and valid["num_samples"] == 128
+    assert valid["is_bound"] is True and valid["estimator"] == DEFAULT_ESTIMATOR["score"]["prime"] and valid["num_samples"] == 128
 
 
 def test_bos_policy(gpt2_tok):

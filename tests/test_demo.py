@@ -106,12 +106,13 @@ def test_demo_models_are_upstream_files_and_cached(demo_run):
     from safetensors.torch import load_file
 
     from prime_eval.demo import default_settings, ensure_models
+    from prime_eval.demo.models import cache_folder
     from prime_eval.subtokenizer import load_permutation
     from prime_eval.synthetic import generate
 
     out, cache, s = demo_run
     settings = default_settings(0, quick=True)
-    folder = cache / settings.training_key()
+    folder = cache_folder(settings, cache)
     V, d = settings.vocab_size, settings.model.n_embd
     arm = load_file(str(folder / "arm.safetensors"))
     mdm = load_file(str(folder / "mdm.safetensors"))
@@ -363,6 +364,17 @@ def test_legacy_verdict_says_above_or_below_the_valid_bound_with_the_right_sign(
         assert rows[1]["vs_valid"]["gap"] == pytest.approx(gap_legacy - gap_valid)
         assert want in verdict(rows[1], H), verdict(rows[1], H)
     assert verdict(_bounds_rows(0, 1.0)[0], H) == "≥ H (valid bound)"
+    # against the MDM's valid bound: the published scorer's ranking and the true one, said in the report
+    from prime_eval.demo.tables import ranking_sentence
+
+    rows = _bounds_rows(-8.0, 9.7) + [{"family": "mdm", "estimator": "mc", "kind": "upper_bound"}]
+    compare_with_valid(rows, {("prime", "mc"): docs + 9.7, ("prime", "legacy_joint"): docs - 8.0 + docs % 2,
+                              ("mdm", "mc"): docs + 6.7})
+    assert rows[0]["vs_mdm"]["gap"] == pytest.approx(3.0) and rows[1]["vs_mdm"]["gap"] == pytest.approx(-14.2)
+    assert "vs_mdm" not in rows[2]
+    said = ranking_sentence(rows[1], rows[0])
+    assert "published scorer puts MDM-Prime-v2 at -14.2 nats/doc" in said and "valid bound at +3.0 nats/doc" in said
+    assert said.endswith("the published scorer reverses the ranking.")
     assert "BELOW H" in verdict(_bounds_rows(0, -5.0)[0], H)  # a valid bound below H: a bug, said loudly
 
 
@@ -479,3 +491,67 @@ def test_cli_registers_demo():
     args = build_parser().parse_args(["demo", "--quick", "--out", "x", "--seed", "3", "--compare", "reports/demo"])
     assert args.quick and args.out == "x" and args.seed == 3 and args.cache_dir is None
     assert args.compare == "reports/demo"
+
+
+_TRAIN_AND_HASH = """
+import hashlib, json, sys
+from prime_eval.demo import numerics
+if sys.argv[1] == "pin":
+    numerics.pin()
+import numpy as np, torch
+from prime_eval.demo import TrainSpec, default_settings, train_network
+import dataclasses
+s = default_settings(5, quick=True)
+s = dataclasses.replace(s, train={"arm": TrainSpec(steps=4, batch_size=8)})
+rng = np.random.default_rng(0)
+docs = [rng.integers(1, s.vocab_size, size=int(rng.integers(3, 12))).tolist() for _ in range(64)]
+net, _ = train_network("arm", s, docs, 0, 0, 32)
+h = hashlib.sha256(b"".join(v.numpy().tobytes() for v in net.state_dict().values())).hexdigest()
+print(json.dumps({"state": numerics.state(), "sha": h}))
+"""
+
+
+def _train_in_subprocess(pin: bool, **env) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "ATEN_CPU_CAPABILITY")}
+    out = subprocess.run([sys.executable, "-c", _TRAIN_AND_HASH, "pin" if pin else "native"], cwd=ROOT,
+                         env={**clean, **env}, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_pinned_kernels_give_the_same_weights_on_an_avx2_only_cpu():
+    """`numerics.pin()` (what `prime-eval demo` does first) trains to the same bits whether MKL may use AVX-512 or
+    only AVX2 (`MKL_ENABLE_INSTRUCTIONS=AVX2`: an AVX2-only CPU as MKL sees it); unpinned, it does not on a CPU with
+    AVX-512, which is why the demo pins."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the pinned kernels are x86-64 ones")
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip(f"this CPU has no AVX2 (torch capability {torch.backends.cpu.get_cpu_capability()})")
+    wide = _train_in_subprocess(pin=True)
+    narrow = _train_in_subprocess(pin=True, MKL_ENABLE_INSTRUCTIONS="AVX2")
+    assert wide["state"] == {"torch_cpu_capability": "AVX2", "MKL_CBWR": "AVX2", "pinned": True}
+    assert wide["sha"] == narrow["sha"]
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        native = _train_in_subprocess(pin=False)
+        assert native["state"]["pinned"] is False and native["state"]["torch_cpu_capability"] == "AVX512"
+        assert native["sha"] != wide["sha"], "unpinned AVX-512 kernels gave the pinned bits: the test shows nothing"
+
+
+def test_compare_says_when_two_runs_used_other_float_kernels(tmp_path, capsys):
+    from prime_eval.demo.reproduce import report
+
+    pinned = {"torch_cpu_capability": "AVX2", "MKL_CBWR": "AVX2", "pinned": True}
+    native = {"torch_cpu_capability": "AVX512", "MKL_CBWR": None, "pinned": False}
+    for name, numerics in (("a", pinned), ("b", native), ("c", pinned)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "demo.json").write_text(json.dumps({"numerics": numerics}))
+    assert report(["demo.json/numerics: differs"], tmp_path / "a", tmp_path / "b") == 1
+    out = capsys.readouterr().out
+    assert "different float kernels (torch AVX2, MKL_CBWR=AVX2 vs torch AVX512, MKL_CBWR=None)" in out
+    report(["x: the texts differ"], tmp_path / "a", tmp_path / "c")
+    assert "float kernels" not in capsys.readouterr().out

@@ -40,6 +40,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args) -> int:
+    from prime_eval.demo.numerics import pin
+
+    pin()  # before torch computes anything: the float kernels that reproduce on any AVX2 CPU (numerics.py)
     import model_adapters  # noqa: F401  (registers the lm-eval models arm, mdm, prime that the demo scores)
     from prime_eval.demo import run_demo
 

@@ -58,12 +58,20 @@ class ModelArtifacts:
         return ",".join(f"{k}={v}" for k, v in args.items())
 
 
+def cache_folder(settings: DemoSettings, cache_dir: Path) -> Path:
+    """`CACHE/<training key>-<float kernels>/`: models trained with other kernels (another CPU's, or unpinned) are
+    other models (`numerics`)."""
+    from prime_eval.demo.numerics import tag
+
+    return Path(cache_dir) / f"{settings.training_key()}-{tag()}"
+
+
 def ensure_models(settings: DemoSettings, data: SyntheticData, cache_dir: Path, console=None,
                   retrain: bool = False) -> ModelArtifacts:
-    """Tokenizer and the three networks, from the cache when present (keyed by `settings.training_key()`)."""
+    """Tokenizer and the three networks, from the cache when present (`cache_folder`)."""
     from prime_eval.subtokenizer import SubTokenizer, ell_from_base, make_permutation, save_permutation
 
-    folder = Path(cache_dir) / settings.training_key()
+    folder = cache_folder(settings, cache_dir)
     done = folder / "train.json"
     tok_dir = folder / "tokenizer"
     ell = ell_from_base(settings.vocab_size, 2)  # binary encoding (MDM-Prime-v2)

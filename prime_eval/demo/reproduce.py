@@ -85,11 +85,27 @@ def main(argv: list[str] | None = None) -> int:
     return report(compare(args.a, args.b), args.a, args.b)
 
 
+def kernels_note(a: str | Path, b: str | Path) -> str | None:
+    """Why two demo folders may differ everywhere although both runs are right: they computed with different float
+    kernels (`numerics.mismatch_note`); None when the kernels agree or a folder has no demo.json."""
+    from prime_eval.demo.numerics import mismatch_note
+
+    runs = [Path(x) / "demo.json" for x in (a, b)]
+    if not all(p.is_file() for p in runs):
+        return None
+    theirs, ours = (json.loads(p.read_text()).get("numerics") for p in runs)
+    return mismatch_note(ours, theirs)
+
+
 def report(diffs: list[str], a, b) -> int:
-    """Print the differences; 1 when there are any."""
+    """Print the differences (and, when the two runs used different float kernels, that this is why); 1 when
+    there are any."""
     for d in diffs:
         print(d)
     print(f"{len(diffs)} difference(s) between {a} and {b} (up to wall times and absolute paths)")
+    note = kernels_note(a, b) if diffs else None
+    if note:
+        print(f"note: {note}")
     return 1 if diffs else 0
 
 

@@ -6,6 +6,7 @@ import shutil
 import time
 from pathlib import Path
 
+from prime_eval.demo import numerics
 from prime_eval.demo.bounds import bound_vs_entropy
 from prime_eval.demo.generation import generation_settings, make_task, run_generation, truth_summary
 from prime_eval.demo.models import ensure_models
@@ -80,6 +81,11 @@ def run_demo(out: str | Path = "reports/demo", *, cache_dir: str | Path | None =
     timings["ground_truth"] = time.perf_counter() - t
 
     t = step(2, "tokenizer and reference models (ARM, MDM, MDM-Prime-v2)")
+    kernels = numerics.state()
+    if not kernels["pinned"]:
+        console.print(f"[yellow]note:[/] float kernels torch {kernels['torch_cpu_capability']}, "
+                      f"MKL_CBWR={kernels['MKL_CBWR']}, not the pinned AVX2 ones (prime_eval/demo/numerics.py): "
+                      "the models and numbers reproduce on this CPU, not necessarily on others")
     art = ensure_models(settings, data, cache, console, retrain=retrain)
     models = {f: {"params": art.train_log["models"][f]["params"], "checkpoint": str(art.checkpoints[f]),
                   "train_seconds": art.train_log["models"][f]["seconds"],
@@ -119,7 +125,8 @@ def run_demo(out: str | Path = "reports/demo", *, cache_dir: str | Path | None =
     from prime_eval import report as rp
 
     summary = {"kind": "prime-eval/demo", "version": 2, "settings": settings.as_dict(),
-               "training_key": settings.training_key(), "cache": str(art.folder), "cached": art.cached,
+               "training_key": settings.training_key(), "numerics": numerics.state(), "cache": str(art.folder),
+               "cached": art.cached,
                "data": ds, "models": models, "train_log": {k: v for k, v in art.train_log.items() if k != "settings"},
                "results_files": results, "generation": generation, "bounds": bounds, "audit": audit_res, "timings": timings}
     collection = rp.load([runs_dir], run_labels(summary))
