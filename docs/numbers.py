@@ -193,7 +193,12 @@ def demo_result() -> str:
     return (f"true entropy H = {H:.1f} nats/document; the published `legacy_joint` on the trained MDM-Prime-v2: "
             f"{lg['gap']:+.1f} nats/document vs H ({100 * lg['gap'] / H:+.0f}%, paired 95% interval "
             f"[{lo:+.1f}, {hi:+.1f}]); valid bounds vs H: MDM-Prime-v2 `mc` {gap('prime', 'mc')}, MDM `mc` "
-            f"{gap('mdm', 'mc')}, exact ARM {gap('arm', 'exact')}")
+            f"{gap('mdm', 'mc')}, exact ARM {gap('arm', 'exact')}; MDM-Prime-v2 against the MDM's valid bound (paired): "
+            f"{vs_mdm(lg)} by `legacy_joint`, {vs_mdm(rows[('prime', 'mc')])} by its valid bound")
+
+def vs_mdm(row: dict) -> str:
+    lo, hi = row["vs_mdm"]["gap_ci95"]
+    return f"{row['vs_mdm']['gap']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
 def _bench(script: str, *args: str) -> str:
     """The printed output of a benchmark script, as a code block."""
