@@ -66,7 +66,7 @@ def ranking_sentence(legacy: dict, valid: dict) -> str:
 
     return (f" Against the MDM's valid bound on the same documents (paired 95% intervals), the published scorer puts "
             f"MDM-Prime-v2 at {diff(a)}, the valid bound at {diff(b)}: "
-            + ("the published scorer reverses the ranking." if a["gap"] < 0 < b["gap"] else
+            + ("the published scorer reverses the ranking." if (a["gap"] < 0) != (b["gap"] < 0) else
                "the same order by both, the published one off by the total correlation."))
 
 
