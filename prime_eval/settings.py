@@ -27,8 +27,8 @@ DIFFUSION = ("mdm", "prime")
 COMMANDS = ("score", "ppl")
 # Default estimators (docs/adapters.md, "The diffusion defaults, measured"). `prime-eval score`, with common random
 # numbers: per family the estimator that reproduces at least as many reference decisions as a fixed 1,024-sample run
-# at the demo and the Diff_LLaMA_6M scale with a tenth of its passes (benchmarks/adaptive.py): MDM sqrt_count, Prime
-# exact_count. `ppl` keeps MDLM's `mc`.
+# at the demo and the Diff_LLaMA_6M scale with a tenth of its passes (benchmarks/adaptive.py): sqrt_count for both
+# (exact_count falls short for the Prime on the demo). `ppl` keeps MDLM's `mc`.
 DEFAULT_ESTIMATOR = {"score": {"arm": "exact", "mdm": "sqrt_count", "prime": "sqrt_count"},
                      "ppl": {"arm": "exact", "mdm": "mc", "prime": "mc"}}
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",

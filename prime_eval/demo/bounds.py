@@ -28,15 +28,20 @@ PPL_ESTIMATORS = {"arm": ("exact",), "mdm": ("mc", "exact_count", "chain_rule"),
 VALID_TWIN = "mc"  # the valid bound a non-likelihood row of the same network is compared with
 
 
+def paired_gap(d: np.ndarray) -> dict:
+    """Per-document differences d = a − b of two values on the same documents: their mean `gap`, SE and 95%
+    interval."""
+    se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else float("nan")
+    return {"gap": float(d.mean()), "gap_se": se, "gap_ci95": list(normal_interval(float(d.mean()), se))}
+
+
 def paired_stats(model_nll: np.ndarray, true_nll: np.ndarray, n_bytes: np.ndarray) -> dict:
     """Per-document model values against the exact NLL on the same documents: nats/doc, bits/byte, and the paired
     difference `gap` with its SE and 95% interval (module docstring)."""
     s = entropy_stats(model_nll, n_bytes)
     diff = np.asarray(model_nll, dtype=np.float64) - np.asarray(true_nll, dtype=np.float64)
     n = diff.size
-    s["gap"] = float(diff.mean())
-    s["gap_se"] = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    s["gap_ci95"] = list(normal_interval(s["gap"], s["gap_se"]))
+    s.update(paired_gap(diff))
     s["gap_bits_per_byte"] = float(diff.sum() / math.log(2) / n_bytes.sum())
     s["gap_bits_per_byte_se"] = s["gap_se"] * n / math.log(2) / float(n_bytes.sum())
     return s
@@ -60,14 +65,6 @@ def verdict(row: dict, H: float) -> str:
             "on these documents")
 
 
-def paired_gap(a: np.ndarray, b: np.ndarray, estimator: str) -> dict:
-    """The paired difference a − b over the same documents: mean, SE and 95% interval, against `estimator` of b."""
-    d = a - b
-    se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else float("nan")
-    return {"estimator": estimator, "gap": float(d.mean()), "gap_se": se,
-            "gap_ci95": list(normal_interval(float(d.mean()), se))}
-
-
 def compare_with_valid(rows: list[dict], values: dict) -> None:
     """Every non-likelihood row gets `vs_valid`: its paired difference to the valid bound (`VALID_TWIN`) of the same
     network on the same documents (negative: below the valid bound, as legacy_joint is on a well-trained network);
@@ -77,9 +74,9 @@ def compare_with_valid(rows: list[dict], values: dict) -> None:
         key = (r["family"], VALID_TWIN)
         own = values[(r["family"], r["estimator"])]
         if not BK.is_likelihood(r["kind"]) and key in values:
-            r["vs_valid"] = paired_gap(own, values[key], VALID_TWIN)
+            r["vs_valid"] = {"estimator": VALID_TWIN, **paired_gap(own - values[key])}
         if r["family"] == "prime" and ("mdm", VALID_TWIN) in values:
-            r["vs_mdm"] = paired_gap(own, values[("mdm", VALID_TWIN)], VALID_TWIN)
+            r["vs_mdm"] = {"estimator": VALID_TWIN, **paired_gap(own - values[("mdm", VALID_TWIN)])}
 
 
 def bound_vs_entropy(art: ModelArtifacts, settings: DemoSettings, data: SyntheticData, ppl_dir, console=None,

@@ -125,7 +125,7 @@ def run_demo(out: str | Path = "reports/demo", *, cache_dir: str | Path | None =
     from prime_eval import report as rp
 
     summary = {"kind": "prime-eval/demo", "version": 2, "settings": settings.as_dict(),
-               "training_key": settings.training_key(), "numerics": numerics.state(), "cache": str(art.folder),
+               "training_key": settings.training_key(), "numerics": kernels, "cache": str(art.folder),
                "cached": art.cached,
                "data": ds, "models": models, "train_log": {k: v for k, v in art.train_log.items() if k != "settings"},
                "results_files": results, "generation": generation, "bounds": bounds, "audit": audit_res, "timings": timings}
